@@ -1,0 +1,33 @@
+"""vmc_jax: Video Motion Customization (VMC) on the Show-1 cascade, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vmc_jax",
+    version="0.1.0",
+    description="Video Motion Customization (arXiv 2312.00845) for TPU and GPU in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vmc_jax", "vmc_jax.*"]),
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6",
+        "transformers>=4.40",
+        "einops>=0.8",
+        "imageio>=2.34",
+        "imageio-ffmpeg>=0.5",
+        "ml_collections>=0.1.1",
+        "safetensors>=0.4.3",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch and diffusers are only the references the parity tests compare against.
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.30"],
+    },
+    entry_points={"console_scripts": ["vmc-jax=vmc_jax.cli:main"]},
+)

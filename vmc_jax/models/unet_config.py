@@ -1,0 +1,129 @@
+"""A UNet's ``config.json``, read strictly: every key known, every value supported or an error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from vmc_jax.models.unet_blocks import BLOCK_KINDS
+
+# Show-1's UNet3DConditionModel signature; configs saved by diffusers list every argument anyway.
+_SHOW1_DEFAULTS: dict[str, Any] = dict(
+    sample_size=None, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    mid_block_type="UNetMidBlock3DCrossAttn",
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1.0, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=1280, transformer_layers_per_block=1, encoder_hid_dim=None, encoder_hid_dim_type=None,
+    attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False, use_linear_projection=False,
+    class_embed_type=None, addition_embed_type=None, addition_time_embed_dim=None, num_class_embeds=None,
+    upcast_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
+    resnet_out_scale_factor=1.0, time_embedding_type="positional", time_embedding_dim=None,
+    time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3,
+    conv_out_kernel=3, projection_class_embeddings_input_dim=None, class_embeddings_concat=False,
+    mid_block_only_cross_attention=None, cross_attention_norm=None, addition_embed_type_num_heads=64,
+    transfromer_in_opt=False,
+)
+
+# Values this implementation does not have; each maps the key to the only values it accepts.
+_SUPPORTED: dict[str, tuple] = dict(
+    dual_cross_attention=(False,),
+    class_embed_type=(None, "timestep"),
+    addition_embed_type=(None, "text"),
+    encoder_hid_dim_type=(None, "text_proj"),
+    time_embedding_type=("positional",),
+    time_cond_proj_dim=(None,),
+    projection_class_embeddings_input_dim=(None,),
+    addition_time_embed_dim=(None,),
+    resnet_time_scale_shift=("default", "scale_shift"),
+    cross_attention_norm=(None, "layer_norm", "group_norm"),
+    transfromer_in_opt=(False,),
+    act_fn=("silu", "swish", "gelu", "mish"),
+    time_embedding_act_fn=(None, "silu", "swish", "gelu", "mish"),
+    timestep_post_act=(None, "silu", "swish", "gelu", "mish"),
+)
+
+_PER_BLOCK = ("only_cross_attention", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+              "attention_head_dim", "num_attention_heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """A validated UNet config; per-block settings are expanded to one value per down block."""
+
+    class_name: str
+    values: tuple[tuple[str, Any], ...]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return dict(object.__getattribute__(self, "values"))[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as written to ``config.json`` (per-block values expanded)."""
+        return {"_class_name": self.class_name, **{k: _jsonable(v) for k, v in self.values}}
+
+    @property
+    def num_downsamplers(self) -> int:
+        return len(self.block_out_channels) - 1
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "UNetConfig":
+        """Validates ``raw`` (a diffusers config dict); ``source`` names it in errors."""
+        class_name = raw.get("_class_name", "UNet3DConditionModel")
+        if class_name != "UNet3DConditionModel":
+            raise ValueError(f"{source}: unsupported UNet class {class_name!r} (expected 'UNet3DConditionModel')")
+        unknown = sorted(k for k in raw if not k.startswith("_") and k not in _SHOW1_DEFAULTS)
+        if unknown:
+            raise ValueError(f"{source}: unknown config keys {unknown}")
+        values = {**_SHOW1_DEFAULTS, **{k: v for k, v in raw.items() if not k.startswith("_")}}
+        for key, allowed in _SUPPORTED.items():
+            if values[key] not in allowed:
+                raise ValueError(f"{source}: {key}={values[key]!r} is not supported (supported: {list(allowed)})")
+        if values["num_attention_heads"] is not None:
+            raise ValueError(f"{source}: num_attention_heads must be null in a Show-1 config "
+                             "(heads come from attention_head_dim)")
+        if values["encoder_hid_dim"] is not None and values["encoder_hid_dim_type"] is None:
+            values["encoder_hid_dim_type"] = "text_proj"  # as the reference defaults it
+        num_blocks = len(values["down_block_types"])
+        for key in ("up_block_types", "block_out_channels"):
+            if len(values[key]) != num_blocks:
+                raise ValueError(f"{source}: {key} has {len(values[key])} entries, down_block_types {num_blocks}")
+        for key in ("down_block_types", "up_block_types"):
+            for name in values[key]:
+                if name not in BLOCK_KINDS or "Mid" in name:
+                    raise ValueError(f"{source}: unknown block type {name!r} in {key}")
+        if values["mid_block_type"] is not None and values["mid_block_type"] not in BLOCK_KINDS:
+            raise ValueError(f"{source}: unknown mid_block_type {values['mid_block_type']!r}")
+        for key in _PER_BLOCK:
+            value = values[key]
+            if isinstance(value, (list, tuple)):
+                if len(value) != num_blocks:
+                    raise ValueError(f"{source}: {key} has {len(value)} entries, expected {num_blocks}")
+                values[key] = tuple(value)
+            else:
+                values[key] = (value,) * num_blocks
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(class_name, tuple(sorted(values.items())))
+
+
+def read_unet_config(folder: str) -> UNetConfig:
+    """Reads and validates ``folder/config.json``."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {folder!r}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return UNetConfig.from_dict(raw, source=path)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,96 @@
+"""Jitted diffusion sampling: the whole denoising loop as one `lax.scan`, and classifier-free guidance.
+
+A denoiser is any callable `denoise_fn(x_t, t, *denoise_args) -> model_output`:
+  x_t            float32 (batch, ..., channels), channels last;
+  t              the integer training timestep, an int32 scalar array;
+  denoise_args   arrays passed through `sample_loop` (e.g. the model parameters and text states);
+  model_output   like x_t, or with twice its channels: the prediction then the learned-range
+                 variance value (DeepFloyd IF / Show-1 models).
+`sample_loop` takes `denoise_fn` as a static jit argument: reuse the same function object to reuse
+the compiled loop, and pass large arrays (weights) through `denoise_args` rather than closing over
+them, so that they are arguments of the compiled program, not constants baked into it, and new
+values (e.g. tuned weights) do not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from vmc_jax import schedulers
+from vmc_jax.schedulers import Scheduler
+
+DenoiseFn = Callable[..., jax.Array]
+
+
+@functools.partial(jax.jit, static_argnames=("scheduler", "denoise_fn", "num_inference_steps"))
+def sample_loop(
+    scheduler: Scheduler,
+    denoise_fn: DenoiseFn,
+    x_T: jax.Array,
+    num_inference_steps: int,
+    rng: jax.Array | None = None,
+    noise: jax.Array | None = None,
+    denoise_args: tuple = (),
+) -> jax.Array:
+    """Denoise x_T into x_0 with `scheduler`'s sampler in one jitted `lax.scan` over the steps.
+
+    rng: PRNG key feeding the per-step noise of stochastic samplers (DDPM, DDIM with eta > 0).
+    noise: instead of rng, the per-step noise itself, shape (num_inference_steps, *x_T.shape),
+      to reproduce another implementation's draws. Both are unused by deterministic samplers.
+    Returns float32 x_0 shaped like x_T. See the module docstring for `denoise_fn`.
+    """
+    inputs = schedulers.step_inputs(scheduler, num_inference_steps)
+    x = x_T.astype(jnp.float32)
+    draws = None
+    if scheduler.needs_noise:
+        if noise is None and rng is None:
+            raise ValueError(f"the {scheduler.algorithm} sampler adds noise: pass `rng` (or `noise`)")
+        if noise is not None and noise.shape != (len(inputs.t), *x.shape):
+            raise ValueError(f"noise has shape {noise.shape}, expected {(len(inputs.t), *x.shape)}")
+        draws = jax.random.split(rng, len(inputs.t)) if noise is None else noise
+
+    def body(carry, step_xs):
+        x, state = carry
+        step_inputs, draw = step_xs
+        model_output = denoise_fn(x, step_inputs.t, *denoise_args)
+        if draw is not None and noise is None:
+            draw = jax.random.normal(draw, x.shape, jnp.float32)
+        return schedulers.step(scheduler, model_output, x, step_inputs, state, draw), None
+
+    (x, _), _ = jax.lax.scan(body, (x, schedulers.init_state(scheduler, x)), (inputs, draws))
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class _Guided:
+    """`classifier_free_guidance`'s denoiser; equal for equal arguments, so jit caches hit."""
+
+    model_fn: DenoiseFn
+    guidance_scale: float
+
+    def __call__(self, x_t: jax.Array, t: jax.Array, *args: Any) -> jax.Array:
+        out = self.model_fn(jnp.concatenate([x_t, x_t]), t, *args)
+        uncond, cond = jnp.split(out, 2)
+        channels = x_t.shape[-1]
+        eps_uncond, eps_cond = uncond[..., :channels], cond[..., :channels]
+        eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        return jnp.concatenate([eps, cond[..., channels:]], axis=-1)
+
+
+def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale: float) -> DenoiseFn:
+    """Wrap `model_fn` into a guided denoiser that runs the unconditional and conditional passes
+    as one batch, as DeepFloyd IF / Show-1 do.
+
+    model_fn(x, t, *args) is called once with x = concat([x_t, x_t]) along the batch axis and
+    must condition the first half unconditionally (negative prompt) and the second half on the
+    prompt (e.g. text states concat([negative, positive])). The guided output is
+    eps_u + guidance_scale * (eps_c - eps_u) on the first `x_t.shape[-1]` channels; any further
+    (learned variance) channels are the conditional half's. The returned denoiser has the
+    `denoise_fn(x_t, t, *args)` signature of `sample_loop`.
+    """
+    return _Guided(model_fn, float(guidance_scale))
