@@ -248,7 +248,7 @@ def step_inputs(scheduler: Scheduler, num_inference_steps: int) -> StepInputs:
     t = timesteps(scheduler, num_inference_steps)
     if scheduler.algorithm == "ddim":  # diffusers' DDIM steps back a fixed stride, whatever the spacing
         prev_t = t - scheduler.num_train_timesteps // num_inference_steps
-    else:
+    else:  # the run's next timestep (current diffusers; 0.19.3's DDPM used the DDIM stride, same for "leading")
         prev_t = np.append(t[1:], -1)
     index = np.arange(len(t))
     first_order_final = scheduler.set_alpha_to_one or scheduler.euler_at_final or (
@@ -299,6 +299,8 @@ def step(
     inputs: one row of `step_inputs` (scalars). state: from `init_state` or the previous step.
     noise: standard normal like `x`, required when `scheduler.needs_noise`.
     """
+    if scheduler.needs_noise and noise is None:
+        raise ValueError(f"the {scheduler.algorithm} update adds noise: pass `noise`")
     channels = x.shape[-1]
     model_output = model_output.astype(jnp.float32)
     prediction, variance_value = model_output[..., :channels], model_output[..., channels:]
@@ -306,8 +308,6 @@ def step(
     a_prev = alpha_cumprod_at(scheduler, inputs.prev_t)
     x0, eps = _x0_and_eps(scheduler, prediction, x, a_t)
     x0 = _clip_x0(scheduler, x0)
-    if scheduler.needs_noise and noise is None:
-        raise ValueError(f"the {scheduler.algorithm} update adds noise: pass `noise`")
 
     if scheduler.algorithm == "ddim":
         std = scheduler.eta * jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))

@@ -9,19 +9,18 @@ A hub folder is a transformers model folder: ``config.json`` plus ``model.safete
 from __future__ import annotations
 
 import functools
-import json
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from vmc_jax import checkpoints
 from vmc_jax.conversion.layout import torch_to_flax
 from vmc_jax.conversion.readers import find_weights_file, read_state_dict
+from vmc_jax.loading import abstract_params
 from vmc_jax.models.clip import CLIPTextEncoder
 from vmc_jax.models.t5 import T5Encoder
 
@@ -31,16 +30,6 @@ TextEncoder = T5Encoder | CLIPTextEncoder
 _FAMILIES: dict[str, type[TextEncoder]] = {"t5": T5Encoder, "clip_text_model": CLIPTextEncoder}
 _ARCHITECTURES = {"T5EncoderModel": "t5", "T5ForConditionalGeneration": "t5", "CLIPTextModel": "clip_text_model"}
 _WEIGHT_STEMS = ("model", "pytorch_model")
-_PARAMS_DIR = "params"
-
-
-def read_config(folder: str) -> dict:
-    """The ``config.json`` of a model folder, with an error naming the folder when it is missing."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json in {folder!r}: expected a transformers text encoder folder")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def text_encoder_from_config(config: Mapping[str, Any], dtype: Any = jnp.float32) -> TextEncoder:
@@ -64,35 +53,27 @@ def load_text_encoder(path: str, dtype: Any = None) -> tuple[TextEncoder, dict]:
     (an fp16 checkpoint stays fp16) and computes in float32. Tensors are read and converted one
     by one, so peak host memory stays near one copy of the params.
     """
-    config = read_config(path)
-    module = text_encoder_from_config(config, dtype=dtype or jnp.float32)
-    abstract = _abstract_params(module)
-    if os.path.isdir(os.path.join(path, _PARAMS_DIR)):
-        return module, _restore_converted(os.path.join(path, _PARAMS_DIR), abstract, dtype)
-    weights = find_weights_file(path, _WEIGHT_STEMS)
-    state_dict = type(module).adapt_state_dict(read_state_dict(weights), source=weights)
-    # dtype=None here: tensors stay file-mapped until _to_device_arrays copies (and casts) each one
-    flat = traverse_util.flatten_dict(torch_to_flax(state_dict, abstract, source=weights))
+    module = text_encoder_from_config(checkpoints.read_config(path), dtype=dtype or jnp.float32)
+    shapes = abstract_params(module)
+    if checkpoints.is_converted_model(path):
+        flat = traverse_util.flatten_dict(checkpoints.restore_params(path, shapes, dtype))
+    else:
+        weights = find_weights_file(path, _WEIGHT_STEMS)
+        state_dict = type(module).adapt_state_dict(read_state_dict(weights), source=weights)
+        # no cast here: tensors stay file-mapped until _to_device_arrays copies (and casts) each one
+        flat = traverse_util.flatten_dict(torch_to_flax(state_dict, shapes, source=weights))
     return module, _to_device_arrays(flat, dtype)
 
 
 def save_converted(folder: str, config: Mapping[str, Any], params: Any) -> None:
-    """Writes a converted text encoder: ``params/`` (orbax) then ``config.json``, each atomically.
+    """Writes a converted text encoder (``config.json`` beside orbax ``params/``) that loads back.
 
-    Orbax writes into a temporary folder and renames it when complete; config.json is written
-    last (temporary file + rename), so a folder with a config.json is always whole.
+    The config is checked first, so no folder is written that ``load_text_encoder`` would refuse;
+    ``checkpoints.save_model`` then writes the params atomically (orbax writes into a temporary
+    folder and renames it when complete) and config.json last (temporary file + rename).
     """
-    target = os.path.join(os.path.abspath(folder), _PARAMS_DIR)
-    if os.path.exists(target):
-        raise FileExistsError(f"{target!r} already exists; choose an empty folder")
-    text_encoder_from_config(config)  # refuse configs that could not be loaded back
-    os.makedirs(folder, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(target, params)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config.json.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(dict(config), f, indent=2)
-    os.replace(tmp, os.path.join(folder, "config.json"))
+    text_encoder_from_config(config)
+    checkpoints.save_model(folder, dict(config), params)
 
 
 def load_tokenizer(path: str) -> Any:
@@ -138,11 +119,6 @@ def _apply(encoder: TextEncoder, params: Any, input_ids: np.ndarray, mask: np.nd
     return encoder.apply({"params": params}, input_ids, mask)
 
 
-def _abstract_params(module: TextEncoder) -> Any:
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), ids))["params"]
-
-
 def _to_device_arrays(flat: dict, dtype: Any) -> dict:
     """Copies each leaf to the default device and casts it there, one tensor at a time.
 
@@ -155,26 +131,3 @@ def _to_device_arrays(flat: dict, dtype: Any) -> dict:
         array = jax.device_put(flat.pop(path))
         out[path] = (array if dtype is None else array.astype(dtype)).block_until_ready()
     return traverse_util.unflatten_dict(out)
-
-
-def _restore_converted(params_dir: str, abstract: Any, dtype: Any) -> dict:
-    stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
-    stored_flat = traverse_util.flatten_dict(dict(stored))
-    expected_flat = traverse_util.flatten_dict(abstract)
-    stored_shapes = {"/".join(k): tuple(v.shape) for k, v in stored_flat.items()}
-    expected_shapes = {"/".join(k): tuple(v.shape) for k, v in expected_flat.items()}
-    if stored_shapes != expected_shapes:
-        problems = [f"missing {k}" for k in expected_shapes.keys() - stored_shapes.keys()]
-        problems += [f"unexpected {k}" for k in stored_shapes.keys() - expected_shapes.keys()]
-        problems += [
-            f"{k}: stored {stored_shapes[k]}, model {expected_shapes[k]}"
-            for k in expected_shapes.keys() & stored_shapes.keys() if stored_shapes[k] != expected_shapes[k]
-        ]
-        raise ValueError(f"{params_dir} does not fit the model:\n  " + "\n  ".join(sorted(problems)))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = traverse_util.unflatten_dict({
-        k: jax.ShapeDtypeStruct(v.shape, dtype or stored_flat[k].dtype, sharding=sharding)
-        for k, v in expected_flat.items()
-    })
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(params_dir, target)

@@ -22,6 +22,8 @@ def find_weights_file(folder: str, stems: tuple[str, ...]) -> str:
     for stem in stems:
         for suffix in _SUFFIXES:
             candidates += [stem + suffix, stem + suffix + ".index.json"]
+        # transformers names fp16 shard indexes "<stem>.safetensors.index.fp16.json"
+        candidates += [f"{stem}.{kind}.index.fp16.json" for kind in ("safetensors", "bin")]
     for name in candidates:
         path = os.path.join(folder, name)
         if os.path.isfile(path):

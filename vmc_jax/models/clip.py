@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.t5 import hf_activation
+from vmc_jax.models.layers import layer_norm
+from vmc_jax.models.t5 import dot_product_attention, hf_activation
 
 _PREFIX = "text_model."
 
@@ -46,11 +47,6 @@ class CLIPTextEncoderConfig:
         return result
 
 
-def _layer_norm(config: CLIPTextEncoderConfig, dtype: Any, name: str) -> nn.LayerNorm:
-    # two-pass variance, like torch.nn.LayerNorm
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False, name=name)
-
-
 class CLIPAttention(nn.Module):
     """Causal multi-head self-attention with biased projections, scores scaled by head_dim ** -0.5."""
 
@@ -68,8 +64,8 @@ class CLIPAttention(nn.Module):
             projected = nn.Dense(cfg.hidden_size, dtype=self.dtype, name=name)(x)
             return projected.reshape(batch, length, cfg.num_attention_heads, head_dim)
 
-        out = jax.nn.dot_product_attention(
-            heads("q_proj"), heads("k_proj"), heads("v_proj"), mask=mask, is_causal=True, scale=head_dim**-0.5
+        out = dot_product_attention(
+            heads("q_proj"), heads("k_proj"), heads("v_proj"), scale=head_dim**-0.5, mask=mask, causal=True
         )
         return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="out_proj")(out.reshape(batch, length, -1))
 
@@ -97,10 +93,13 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         """x float32 residual stream -> updated stream."""
-        attention = CLIPAttention(self.config, dtype=self.dtype, name="self_attn")
-        x = x + attention(_layer_norm(self.config, self.dtype, "layer_norm1")(x), mask).astype(jnp.float32)
+        eps = self.config.layer_norm_eps
+        attended = CLIPAttention(self.config, dtype=self.dtype, name="self_attn")(
+            layer_norm(eps, self.dtype, "layer_norm1")(x), mask
+        )
+        x = x + attended.astype(jnp.float32)
         mlp = CLIPMLP(self.config, dtype=self.dtype, name="mlp")
-        return x + mlp(_layer_norm(self.config, self.dtype, "layer_norm2")(x)).astype(jnp.float32)
+        return x + mlp(layer_norm(eps, self.dtype, "layer_norm2")(x)).astype(jnp.float32)
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -148,7 +147,7 @@ class CLIPTextTransformer(nn.Module):
         """input_ids (batch, seq), mask (batch, 1, 1, seq) bool or None -> (batch, seq, hidden) in ``dtype``."""
         x = CLIPTextEmbeddings(self.config, dtype=self.dtype, name="embeddings")(input_ids)
         x = CLIPEncoder(self.config, dtype=self.dtype, name="encoder")(x, mask)
-        return _layer_norm(self.config, self.dtype, "final_layer_norm")(x)
+        return layer_norm(self.config.layer_norm_eps, self.dtype, "final_layer_norm")(x)
 
 
 class CLIPTextEncoder(nn.Module):
@@ -165,6 +164,10 @@ class CLIPTextEncoder(nn.Module):
         """
         mask = None if attention_mask is None else jnp.asarray(attention_mask)[:, None, None, :].astype(bool)
         return CLIPTextTransformer(self.config, dtype=self.dtype, name="text_model")(input_ids, mask)
+
+    def dummy_inputs(self) -> tuple[jax.Array]:
+        """The smallest inputs the model accepts, for ``init`` and shape inference."""
+        return (jnp.zeros((1, 1), jnp.int32),)
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], dtype: Any = jnp.float32) -> "CLIPTextEncoder":

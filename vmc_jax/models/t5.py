@@ -6,6 +6,7 @@ parameter to its state-dict name (``encoder/block_0/layer_0/SelfAttention/q/kern
 softmax and the output projection ``wo`` of each feed-forward layer run in float32 whatever the
 compute ``dtype`` (transformers likewise keeps ``wo`` in float32, because T5 v1.1 overflows fp16
 there); the other matmuls run in ``dtype``. Dropout is left out: the encoder is only ever frozen.
+The attention core and the activation table here are shared with the CLIP text model.
 """
 
 from __future__ import annotations
@@ -35,6 +36,35 @@ def hf_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in HF_ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(HF_ACTIVATIONS))}")
     return HF_ACTIVATIONS[name]
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+) -> jax.Array:
+    """The attention core shared by the T5 and CLIP encoders: (batch, seq, heads, head_dim) in and out.
+
+    Scores accumulate in float32 and the softmax runs in float32 whatever the input dtype (as the
+    references do, and unlike ``jax.nn.dot_product_attention`` this also runs fp16 on the CPU).
+    ``bias`` is added to the scaled scores; keys where ``mask`` is False, and later keys when
+    ``causal``, get the float32 minimum as their score.
+    """
+    logits = jnp.einsum("bqnh,bknh->bnqk", query, key, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    if causal:
+        not_later = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+        mask = not_later if mask is None else mask & not_later
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", weights, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +155,7 @@ class T5Attention(nn.Module):
                 length, length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
             )
             position_bias = jnp.transpose(table(buckets), (2, 0, 1))[None]
-        # masked keys get a large negative score (jnp.where), softmax runs in float32
-        out = jax.nn.dot_product_attention(
-            heads("q"), heads("k"), heads("v"), bias=position_bias, mask=mask, scale=1.0
-        )
+        out = dot_product_attention(heads("q"), heads("k"), heads("v"), scale=1.0, bias=position_bias, mask=mask)
         out = out.reshape(batch, length, cfg.num_heads * cfg.d_kv)
         return nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, name="o")(out), position_bias
 
@@ -240,6 +267,10 @@ class T5Encoder(nn.Module):
         x = nn.Embed(self.config.vocab_size, self.config.d_model, dtype=self.dtype, name="shared")(input_ids)
         mask = None if attention_mask is None else jnp.asarray(attention_mask)[:, None, None, :].astype(bool)
         return T5Stack(self.config, dtype=self.dtype, name="encoder")(x.astype(jnp.float32), mask)
+
+    def dummy_inputs(self) -> tuple[jax.Array]:
+        """The smallest inputs the model accepts, for ``init`` and shape inference."""
+        return (jnp.zeros((1, 1), jnp.int32),)
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], dtype: Any = jnp.float32) -> "T5Encoder":

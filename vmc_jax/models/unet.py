@@ -33,7 +33,12 @@ def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: in
         spatial = (out_channels // head_setting, head_setting)
         temporal = (head_setting, out_channels // head_setting)
     tuned = kind.tuned_resnets or (mid and kind.attention == "added_kv")
-    only_cross = config.mid_block_only_cross_attention if mid else config.only_cross_attention[i]
+    if mid:
+        # Show-1's UNetMidBlock3DCrossAttn takes no only_cross_attention: its transformer always
+        # self-attends first, whatever mid_block_only_cross_attention says.
+        only_cross = config.mid_block_only_cross_attention if kind.attention == "added_kv" else False
+    else:
+        only_cross = config.only_cross_attention[i]
     return BlockOptions(
         out_channels=out_channels,
         num_layers=num_layers,
@@ -88,6 +93,8 @@ class UNet3D(nn.Module):
             context = nn.Dense(c.cross_attention_dim[0], dtype=self.dtype, name="encoder_hid_proj")(context)
         context = context.astype(self.dtype)
 
+        if c.center_input_sample:
+            sample = 2 * sample - 1.0
         x = conv2d(c.block_out_channels[0], c.conv_in_kernel, self.dtype, "conv_in")(sample.astype(self.dtype))
         skips = [x]
         wrap = nn.remat if self.remat else (lambda m: m)
