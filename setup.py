@@ -29,5 +29,5 @@ setup(
         # torch and diffusers are only the references the parity tests compare against.
         "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.30"],
     },
-    entry_points={"console_scripts": ["vmc-jax=vmc_jax.cli:main"]},
+    entry_points={"console_scripts": ["vmc-jax=vmc_jax.cli:run"]},
 )

@@ -1,25 +1,17 @@
 """DDIM inversion: the released formula, reconstruction, and the pmapped version."""
 
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from diffusers import DDIMScheduler
 
 from vmc_jax import inversion, sampling, schedulers
-from tests.conftest import FIXTURES
 from tests.test_unet import fixture_inputs, load_fixture
 
-# The scheduler config the released VMC inverts with (Stable Diffusion's PNDM config).
-RELEASED_INVERSION_CONFIG = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None, "clip_sample": False,
-}
+RELEASED_INVERSION_CONFIG = inversion.RELEASED_INVERSION_SCHEDULER
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,15 @@ def save_model(folder: str, config: dict[str, Any], params: Any) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(folder, PARAMS_DIR), params, force=True)
         checkpointer.wait_until_finished()
-    tmp = os.path.join(folder, CONFIG_FILE + ".tmp")
+    write_text_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes a text file so that a reader sees the old or the new content, never a part."""
+    tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, CONFIG_FILE))
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def read_config(folder: str) -> dict[str, Any]:
@@ -64,3 +69,28 @@ def restore_params(folder: str, abstract_params: Any, dtype: Any = None) -> Any:
         )
         params = checkpointer.restore(path, target)
     return jax.tree.map(np.asarray, params)
+
+
+class TrainCheckpoints:
+    """The train state every N steps in ``directory/<step>``, the newest few kept (orbax)."""
+
+    def __init__(self, directory: str, max_to_keep: int = 2):
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any) -> None:
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+
+    def restore(self, step: int, like: Any) -> Any:
+        """The state saved at ``step``, shaped like ``like``."""
+        return self.manager.restore(step, args=ocp.args.StandardRestore(like))
+
+    def restore_tuned(self, step: int) -> Any:
+        """Only the tuned params of the state saved at ``step`` (all that generate and export need)."""
+        return jax.tree.map(np.asarray, self.manager.restore(step, args=ocp.args.StandardRestore())["tuned"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()

@@ -80,3 +80,17 @@ def load_clip(path: str, num_frames: int, height: int, width: int, stride: int =
     clip = jnp.asarray(clip, jnp.float32) / 127.5 - 1.0
     clip = np.asarray(resize(clip, height, width))
     return clip[::-1].copy() if reverse else clip
+
+
+def save_video(frames: np.ndarray, path: str, fps: float = 4.0) -> None:
+    """Writes ``(f, h, w, 3)`` frames in [-1, 1] as a gif or mp4 (by extension), atomically."""
+    pixels = np.clip((np.asarray(frames, np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    if ext == ".gif":
+        iio.imwrite(tmp, pixels, duration=1000 / fps, loop=0)
+    elif ext == ".mp4":
+        iio.imwrite(tmp, pixels, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)
+    else:
+        raise ValueError(f"unsupported video extension {ext!r} in {path!r} (use .gif or .mp4)")
+    os.replace(tmp, path)

@@ -23,6 +23,13 @@ from vmc_jax.schedulers import Scheduler
 
 METHODS = ("model", "official")
 
+# The scheduler config the released VMC inverts with: Stable Diffusion's PNDM config, read as DDIM.
+RELEASED_INVERSION_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None, "clip_sample": False,
+}
+
 
 def as_ddim(scheduler: Scheduler) -> Scheduler:
     """The deterministic DDIM sampler on ``scheduler``'s noise schedule and timestep spacing,

@@ -18,9 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from vmc_jax import checkpoints
-from vmc_jax.conversion.layout import torch_to_flax
-from vmc_jax.conversion.readers import find_weights_file, read_state_dict
-from vmc_jax.loading import abstract_params
+from vmc_jax.loading import load_params, model_config
 from vmc_jax.models.clip import CLIPTextEncoder
 from vmc_jax.models.t5 import T5Encoder
 
@@ -53,16 +51,12 @@ def load_text_encoder(path: str, dtype: Any = None) -> tuple[TextEncoder, dict]:
     (an fp16 checkpoint stays fp16) and computes in float32. Tensors are read and converted one
     by one, so peak host memory stays near one copy of the params.
     """
-    module = text_encoder_from_config(checkpoints.read_config(path), dtype=dtype or jnp.float32)
-    shapes = abstract_params(module)
-    if checkpoints.is_converted_model(path):
-        flat = traverse_util.flatten_dict(checkpoints.restore_params(path, shapes, dtype))
-    else:
-        weights = find_weights_file(path, _WEIGHT_STEMS)
-        state_dict = type(module).adapt_state_dict(read_state_dict(weights), source=weights)
-        # no cast here: tensors stay file-mapped until _to_device_arrays copies (and casts) each one
-        flat = traverse_util.flatten_dict(torch_to_flax(state_dict, shapes, source=weights))
-    return module, _to_device_arrays(flat, dtype)
+    config, _ = model_config(path)
+    module = text_encoder_from_config(config, dtype=dtype or jnp.float32)
+    # no cast here: hub tensors stay file-mapped until _to_device_arrays copies (and casts) each one
+    params = load_params(path, module, _WEIGHT_STEMS,
+                         adapt=lambda state_dict, source: type(module).adapt_state_dict(state_dict, source=source))
+    return module, _to_device_arrays(traverse_util.flatten_dict(params), dtype)
 
 
 def save_converted(folder: str, config: Mapping[str, Any], params: Any) -> None:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax import traverse_util
+
+from vmc_jax import schedulers
+from vmc_jax.schedulers import Scheduler
 
 # Every to_q / to_k / to_v of both attentions of every temporal transformer (the set VMC tunes).
 TEMPORAL_ATTENTION_QKV = r"(^|/)temp_attentions_\d+/transformer_blocks_\d+/attn[12]/to_[qkv]/(kernel|bias)$"
@@ -62,3 +68,81 @@ def motion_distillation_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str
     if kind == "l2":
         return jnp.mean(jnp.square(pred - true))
     raise ValueError(f"unknown motion distillation loss {kind!r}; expected one of {LOSS_KINDS}")
+
+
+def lr_schedule(lr: float, schedule: str, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+    """The learning rate per step: "constant", "linear" or "cosine" decay, after a linear warmup."""
+    decays = {
+        "constant": lambda: optax.constant_schedule(lr),
+        "linear": lambda: optax.linear_schedule(lr, 0.0, max(total_steps - warmup_steps, 1)),
+        "cosine": lambda: optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1)),
+    }
+    if schedule not in decays:
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {sorted(decays)}")
+    if not warmup_steps:
+        return decays[schedule]()
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decays[schedule]()], [warmup_steps])
+
+
+def make_optimizer(lr: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 1e-2, clip_grad_norm: float = 1.0,
+                   decay_mask: Any = None) -> optax.GradientTransformation:
+    """Gradient-norm clipping, then AdamW, as the released VMC trains.
+
+    It is applied to the tuned subset alone (gradients are only taken for it), so its state
+    and the weight decay touch nothing else; ``decay_mask`` narrows the decay further
+    (``optax.masked`` semantics: a pytree of bools or a function of the params).
+    """
+    return optax.chain(
+        optax.clip_by_global_norm(clip_grad_norm),
+        optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs: the step, the tuned params, the optimizer state, the rng."""
+
+    step: jax.Array
+    tuned: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @classmethod
+    def create(cls, tuned: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+        return cls(jnp.zeros((), jnp.int32), tuned, optimizer.init(tuned), rng)
+
+
+def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.GradientTransformation,
+                    loss_kind: str = "paper") -> Callable:
+    """A jitted ``(state, frozen, clips, text) -> (state, metrics)`` VMC update.
+
+    ``clips`` ``(b, f, h, w, c)`` in [-1, 1]; ``text`` ``(b or 1, L, d)``. Per clip a timestep
+    t ~ U{0..T-1} and noise ~ N(0, I) give x_t; the model runs in train mode (temporal-conv
+    dropout); the loss compares the first ``c`` output channels with the noise. The state is
+    donated, so its buffers are updated in place.
+    """
+    if loss_kind not in LOSS_KINDS:
+        raise ValueError(f"unknown motion distillation loss {loss_kind!r}; expected one of {LOSS_KINDS}")
+    alphas = scheduler.alphas_cumprod
+
+    def step(state: TrainState, frozen: Any, clips: jax.Array, text: jax.Array):
+        rng, t_key, noise_key, dropout_key = jax.random.split(state.rng, 4)
+        batch, channels = clips.shape[0], clips.shape[-1]
+        t = jax.random.randint(t_key, (batch,), 0, len(alphas))
+        noise = jax.random.normal(noise_key, clips.shape, jnp.float32)
+        noisy = schedulers.add_noise(scheduler, clips, noise, t)
+        text = jnp.broadcast_to(text, (batch, *text.shape[1:]))
+
+        def loss_fn(tuned):
+            out = model.apply({"params": merge_params(tuned, frozen)}, noisy, t, text, train=True,
+                              rngs={"dropout": dropout_key})
+            return motion_distillation_loss(out[..., :channels], noise, loss_kind)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.tuned)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.tuned)
+        tuned = optax.apply_updates(state.tuned, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, tuned, opt_state, rng), metrics
+
+    return jax.jit(step, donate_argnums=0)

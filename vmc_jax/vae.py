@@ -8,21 +8,18 @@ A hub folder is a diffusers model folder: ``config.json`` plus ``diffusion_pytor
 from __future__ import annotations
 
 import functools
-import os
 import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from vmc_jax import checkpoints
-from vmc_jax.conversion import find_weights_file, read_state_dict, torch_to_flax
-from vmc_jax.loading import abstract_params
+from vmc_jax.loading import load_params, model_config
 from vmc_jax.models.vae import AutoencoderKL, VAEConfig
 
 VAE_WEIGHTS = ("diffusion_pytorch_model",)
 
-# Names of the mid-block attention weights in checkpoints saved before diffusers 0.15 (diffusers renames them on load).
+# Mid-block attention weight names in checkpoints of older diffusers (AttentionBlock); diffusers renames them on load.
 _LEGACY_ATTENTION = re.compile(r"^(?P<prefix>.*\.attentions\.\d+\.)(?P<old>query|key|value|proj_attn)\.(?P<leaf>\w+)$")
 _RENAMED = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -33,20 +30,14 @@ def load_vae(path: str, dtype: Any = None, **module_options) -> tuple[Autoencode
     ``dtype`` casts the params (None keeps the checkpoint's dtype, e.g. fp16 stays fp16);
     ``module_options`` go to the module (``dtype`` there is the compute dtype, float32 by default).
     """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder not found: {path!r}")
-    config_path = os.path.join(path, checkpoints.CONFIG_FILE)
-    vae = AutoencoderKL(VAEConfig.from_dict(checkpoints.read_config(path), source=config_path), **module_options)
-    shapes = abstract_params(vae)
-    if checkpoints.is_converted_model(path):
-        return vae, checkpoints.restore_params(path, shapes, dtype)
-    weights = find_weights_file(path, VAE_WEIGHTS)
-    state_dict = rename_legacy_attention(read_state_dict(weights))
-    return vae, torch_to_flax(state_dict, shapes, dtype=dtype, source=weights)
+    config, source = model_config(path)
+    vae = AutoencoderKL(VAEConfig.from_dict(config, source=source), **module_options)
+    return vae, load_params(path, vae, VAE_WEIGHTS, dtype, adapt=_rename_legacy_attention)
 
 
-def rename_legacy_attention(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Renames pre-0.15 attention weights (query / key / value / proj_attn) to diffusers' current names."""
+def _rename_legacy_attention(state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Renames old AttentionBlock weights (query / key / value / proj_attn) to diffusers' current names."""
+
     def rename(name: str) -> str:
         match = _LEGACY_ATTENTION.match(name)
         return f"{match['prefix']}{_RENAMED[match['old']]}.{match['leaf']}" if match else name
@@ -56,8 +47,7 @@ def rename_legacy_attention(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def encode_to_latents(vae: AutoencoderKL, params: Any, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """Images (or videos) in [-1, 1] to the latents a diffusion model sees: the posterior mean, or a
-    sample from the posterior when ``rng`` is given, times ``scaling_factor``."""
+    """Images or videos in [-1, 1] to diffusion latents: posterior mean (a sample, given rng) * scaling_factor."""
     mean, logvar = vae.apply({"params": params}, images, method=vae.encode)
     if rng is not None:
         mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)

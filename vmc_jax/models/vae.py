@@ -125,7 +125,7 @@ def _resnet(out_channels: int, groups: int, act_fn: str, dtype: Dtype, index: in
 
 def _output_layers(x: jax.Array, features: int, groups: int, dtype: Dtype) -> jax.Array:
     """conv_norm_out -> SiLU (always SiLU, whatever ``act_fn``, as in diffusers) -> conv_out."""
-    x = nn.gelu(GroupNorm(groups, EPS, per_frame=True, dtype=dtype, name="conv_norm_out")(x), approximate=False)
+    x = nn.silu(GroupNorm(groups, EPS, per_frame=True, dtype=dtype, name="conv_norm_out")(x))
     return conv2d(features, 3, dtype, "conv_out")(x)
 
 

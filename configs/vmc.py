@@ -1,0 +1,85 @@
+"""VMC motion customization of one clip with Show-1's keyframe model.
+
+    vmc-jax train --config configs/vmc.py:car_forest --workdir workdirs/car_forest \\
+        --config.pretrained=checkpoints/show-1-base --config.video=videos/car_forest
+
+The argument picks one of the release's example clips (settings of the official configs) or
+"tiny", the small random pipeline of the README's demo. Every field can be overridden with
+``--config.<field>=<value>``.
+"""
+
+import ml_collections
+
+from vmc_jax.training import TEMPORAL_ATTENTION_QKV
+
+# clip -> (training prompt, validation prompts), as in the released configs.
+CLIPS = {
+    "car_forest": ("a car is moving", [
+        "a car is moving, underwater", "a car is moving, under the deep sea", "a tank is moving on the snow",
+        "a lamborghini is moving in space", "a lamborghini is moving in desert"]),
+    "bird_forest": ("a bird is flying", ["a Phoenix is flying above lava", "a majestic dragon is flying in forest"]),
+    "bear": ("a brown bear is walking", ["a panda bear is walking", "a tiger is walking on the snow"]),
+    "pills_black": ("pills are falling.", ["colorful confetti are falling", "gem stones are falling"]),
+    "sharks_swimming": ("two sharks are moving", [
+        "two spaceships are moving in space", "two goldfish are moving in the ocean"]),
+}
+
+
+def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
+    """The config for clip ``arg`` (a key of CLIPS, or "tiny")."""
+    if arg != "tiny" and arg not in CLIPS:
+        raise ValueError(f"unknown clip {arg!r}; expected 'tiny' or one of {sorted(CLIPS)}")
+    config = ml_collections.ConfigDict()
+    config.pretrained = "checkpoints/show-1-base"  # a folder written by `vmc-jax convert`
+    config.video = f"videos/{arg}"  # a video file or a folder of frames
+    config.prompt, validation_prompts = CLIPS.get(arg, ("a red square is moving", ["a blue square is moving"]))
+    config.invariant_prompt = ""  # empty: derived from `prompt` by prompts.appearance_invariant
+    config.seed = 12345
+
+    config.data = ml_collections.ConfigDict(dict(num_frames=8, height=40, width=64, stride=1, start=0,
+                                                 reverse=False))
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 400
+    config.train.lr = 1e-4
+    config.train.lr_schedule = "constant"
+    config.train.warmup_steps = 0
+    config.train.b1 = 0.9
+    config.train.b2 = 0.999
+    config.train.eps = 1e-8
+    config.train.weight_decay = 1e-2
+    config.train.clip_grad_norm = 1.0
+    config.train.loss = "paper"  # "paper", "official" (the released code's) or "l2"
+    config.train.batch_size = 1  # noisy copies of the clip per step, split over local devices
+    config.train.tuned_params = TEMPORAL_ATTENTION_QKV  # a regex over "/"-joined param paths
+    config.train.remat = True
+    config.train.compute_dtype = "float32"  # or "bfloat16"
+    config.train.checkpoint_every = 100
+    config.train.log_every = 10
+
+    config.validation = ml_collections.ConfigDict()
+    config.validation.prompts = validation_prompts
+    config.validation.every = 100  # 0: no validation samples
+
+    config.inversion = ml_collections.ConfigDict()
+    config.inversion.steps = 75
+    config.inversion.method = "model"  # or "official": the released VMC inversion
+    config.inversion.scheduler = ""  # a scheduler config to invert on; empty: see generate.inversion_scheduler
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.steps = 75
+    config.sampling.guidance = 9.0
+    config.sampling.negative_prompt = ""
+    config.sampling.fps = 4.0
+
+    if arg == "tiny":
+        config.pretrained = "workdirs/tiny/pipeline_flax"
+        config.video = "configs/assets/moving_square.gif"
+        config.train.steps = 4
+        config.train.checkpoint_every = 2
+        config.train.log_every = 2
+        config.train.remat = False
+        config.validation.every = 4
+        config.inversion.steps = 4
+        config.sampling.steps = 4
+    return config

@@ -1,0 +1,44 @@
+"""The motion-distillation losses against plain numpy statements of their formulas."""
+
+import numpy as np
+import pytest
+
+from vmc_jax.training import motion_distillation_loss
+
+
+def numpy_losses(pred, true):
+    """DESIGN.md's statements, channels last (b, f, h, w, c), written out loop by loop."""
+    dp, dt = np.diff(pred, axis=1), np.diff(true, axis=1)
+    b, f = dp.shape[:2]
+    paper = np.mean([
+        1 - np.dot(dp[i, j].ravel(), dt[i, j].ravel()) / (np.linalg.norm(dp[i, j]) * np.linalg.norm(dt[i, j]))
+        for i in range(b) for j in range(f)
+    ])
+    ap, at = np.abs(dp), np.abs(dt)  # released: |residuals|, cosine along the frame axis
+    official = np.mean(1 - (ap * at).sum(1) / (np.linalg.norm(ap, axis=1) * np.linalg.norm(at, axis=1)))
+    l2 = np.mean((dp - dt) ** 2)
+    return {"paper": paper, "official": official, "l2": l2}
+
+
+@pytest.mark.parametrize("kind", ["paper", "official", "l2"])
+def test_loss_matches_numpy(kind):
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(2, 8, 5, 7, 3)).astype(np.float32)
+    pred = (0.7 * true + 0.5 * rng.normal(size=true.shape)).astype(np.float32)
+    expected = numpy_losses(pred.astype(np.float64), true.astype(np.float64))[kind]
+    np.testing.assert_allclose(float(motion_distillation_loss(pred, true, kind)), expected, rtol=1e-5)
+
+
+def test_losses_vanish_for_the_true_noise_and_ignore_a_static_offset():
+    rng = np.random.default_rng(1)
+    true = rng.normal(size=(1, 6, 4, 4, 3)).astype(np.float32)
+    for kind in ("paper", "official", "l2"):
+        assert abs(float(motion_distillation_loss(true + 3.0, true, kind))) < 1e-6, kind
+
+
+def test_bad_inputs_are_named():
+    x = np.zeros((1, 4, 2, 2, 3), np.float32)
+    with pytest.raises(ValueError, match="unknown motion distillation loss 'cosine'"):
+        motion_distillation_loss(x, x, "cosine")
+    with pytest.raises(ValueError, match=r"\(1, 4, 2, 2, 3\) and eps_true \(1, 3, 2, 2, 3\)"):
+        motion_distillation_loss(x, x[:, :3], "paper")

@@ -1,0 +1,245 @@
+"""A small Show-1 keyframe pipeline with random weights, in the hub (PyTorch) format, and a synthetic clip.
+
+Both are made locally, with no download and no torch, so the README's demo, ``vmc-jax convert``
+and the tests can run the whole path (hub folder -> convert -> train -> generate) in seconds.
+The folder has the layout of Show-1's base pipeline: ``model_index.json``, ``unet/``,
+``text_encoder/``, ``tokenizer/`` and ``scheduler/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from vmc_jax.loading import abstract_params, build_unet, to_torch_state_dict
+from vmc_jax.text import text_encoder_from_config
+
+# The example prompts of configs/vmc.py (and its "tiny" ones); the tokenizer has a piece per word.
+PROMPTS = (
+    "a car is moving", "a car is moving, underwater", "a car is moving, under the deep sea",
+    "a tank is moving on the snow", "a lamborghini is moving in space", "a lamborghini is moving in desert",
+    "a bird is flying", "a phoenix is flying above lava", "a majestic dragon is flying in forest",
+    "a brown bear is walking", "a panda bear is walking", "a tiger is walking on the snow",
+    "pills are falling.", "colorful confetti are falling", "gem stones are falling",
+    "two sharks are moving", "two spaceships are moving in space", "two goldfish are moving in the ocean",
+    "a red square is moving", "a blue square is moving", "low resolution, blur",
+)
+
+T5_D_MODEL = 32
+
+MODEL_INDEX = {
+    "_class_name": "TextToVideoIFPipeline",
+    "_diffusers_version": "0.19.3",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "unet": ["showone.models", "UNet3DConditionModel"],
+    "watermarker": [None, None],
+}
+
+# Show-1 base's keyframe UNet, shrunk: two blocks of 32 channels, one layer each.
+UNET_CONFIG = {
+    "_class_name": "UNet3DConditionModel",
+    "_diffusers_version": "0.19.3",
+    "act_fn": "gelu",
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 4,
+    "addition_time_embed_dim": None,
+    "attention_head_dim": 16,
+    "block_out_channels": [32, 32],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 32,
+    "cross_attention_norm": None,
+    "down_block_types": ["ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": T5_D_MODEL,
+    "encoder_hid_dim_type": "text_proj",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 3,
+    "layers_per_block": 1,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock3DSimpleCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 6,
+    "projection_class_embeddings_input_dim": None,
+    "resnet_out_scale_factor": math.sqrt(2.0),
+    "resnet_skip_time_act": True,
+    "resnet_time_scale_shift": "scale_shift",
+    "sample_size": 16,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": "gelu",
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": 1,
+    "transfromer_in_opt": False,
+    "up_block_types": ["SimpleCrossAttnUpBlock3D", "ResnetUpsampleBlock3D"],
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
+# A T5 v1.1 encoder (gated gelu) as transformers writes its config.json; vocab_size is the tokenizer's.
+T5_CONFIG = {
+    "architectures": ["T5EncoderModel"],
+    "classifier_dropout": 0.0,
+    "d_ff": 64,
+    "d_kv": 8,
+    "d_model": T5_D_MODEL,
+    "dense_act_fn": "gelu_new",
+    "dropout_rate": 0.1,
+    "dtype": "float32",
+    "eos_token_id": 1,
+    "feed_forward_proj": "gated-gelu",
+    "initializer_factor": 1.0,
+    "is_decoder": False,
+    "is_encoder_decoder": False,
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "model_type": "t5",
+    "num_decoder_layers": 2,
+    "num_heads": 4,
+    "num_layers": 2,
+    "pad_token_id": 0,
+    "relative_attention_max_distance": 128,
+    "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": True,
+    "use_cache": False,
+}
+
+# Show-1 base's DDPM schedule (that of DeepFloyd IF): linear betas, learned-range variance, thresholding.
+SCHEDULER_CONFIG = {
+    "_class_name": "DDPMScheduler",
+    "_diffusers_version": "0.19.3",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.95,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "steps_offset": 0,
+    "thresholding": True,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "variance_type": "learned_range",
+}
+
+# Stddev of the random values of biases, zero-initialised layers and offsets of norm scales.
+_SMALL_STDDEV = 0.02
+# The Flax name of the zero-initialised last conv in each TemporalConvLayer (``temp_convs_<i>``).
+_LAST_TEMPORAL_CONV = "conv4_3"
+
+
+def make_tiny_pipeline(folder: str, seed: int = 0) -> str:
+    """Writes the tiny random Show-1 keyframe pipeline (hub format) into ``folder``; returns ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    vocab_size = _write_tokenizer(os.path.join(folder, "tokenizer"))
+    t5_config = {**T5_CONFIG, "vocab_size": vocab_size}
+    _write_model(os.path.join(folder, "text_encoder"), t5_config, text_encoder_from_config(t5_config),
+                 "model.safetensors", seed)
+    _write_model(os.path.join(folder, "unet"), UNET_CONFIG, build_unet(UNET_CONFIG),
+                 "diffusion_pytorch_model.safetensors", seed + 1)
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
+    _write_json(os.path.join(folder, "model_index.json"), MODEL_INDEX)
+    return folder
+
+
+def make_synthetic_clip(path: str, num_frames: int = 8, height: int = 40, width: int = 64) -> str:
+    """Writes an animated GIF of a red square moving left to right over a gradient; returns ``path``.
+
+    A clip with one plain, known motion, for demos and tests that need a training video.
+    """
+    import imageio.v3 as iio  # needed only here
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = np.stack([40 + 80 * x / width, 90 + 100 * y / height, 200 - 60 * x / width], axis=-1)
+    side = max(height // 3, 2)
+    top = (height - side) // 2
+    frames = []
+    for i in range(num_frames):
+        left = round(i * (width - side) / max(num_frames - 1, 1))
+        frame = background.copy()
+        frame[top:top + side, left:left + side] = (230, 30, 30)
+        frames.append(frame.round().astype(np.uint8))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    iio.imwrite(path, np.stack(frames), extension=".gif", duration=250, loop=0)
+    return path
+
+
+def _write_tokenizer(folder: str) -> int:
+    """Saves a word-level T5 tokenizer (a piece per prompt word, plus single characters); returns its size."""
+    from transformers import T5Tokenizer  # heavy import, needed only here
+
+    words = sorted({word for prompt in PROMPTS for word in prompt.replace(",", " ").replace(".", " ").split()})
+    characters = string.ascii_letters + string.digits + string.punctuation
+    # Unigram scores: a whole word (-1) beats spelling it out (-5 per character).
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + word, -1.0) for word in words]
+    vocab += [(c, -5.0) for c in characters]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    return len(tokenizer)
+
+
+def _write_model(folder: str, config: dict[str, Any], module: nn.Module, weights_name: str, seed: int) -> None:
+    """Writes ``config.json`` and random weights of ``module`` under their PyTorch names (safetensors)."""
+    state_dict = to_torch_state_dict(module, _random_params(module, seed))
+    os.makedirs(folder, exist_ok=True)
+    save_file(state_dict, os.path.join(folder, weights_name), metadata={"format": "pt"})
+    _write_json(os.path.join(folder, "config.json"), config)
+
+
+def _random_params(module: nn.Module, seed: int) -> dict:
+    """Random float32 params for ``module``, drawn in numpy from its parameter shapes.
+
+    Kernels and embeddings are scaled like Flax's default initialisers; norm scales are near 1;
+    biases, the last conv of each temporal conv layer (zero in a fresh Show-1 UNet, which makes
+    it an identity in time) and other leaves get small values, so every parameter matters. This
+    takes seconds where ``module.init`` on a CPU takes half a minute.
+    """
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(abstract_params(module))
+    return traverse_util.unflatten_dict({path: _random_leaf(path, spec.shape, rng) for path, spec in flat.items()})
+
+
+def _random_leaf(path: tuple[str, ...], shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    normal = rng.standard_normal(shape).astype(np.float32)
+    leaf, layer = path[-1], path[-2]
+    if leaf == "scale":
+        return 1 + _SMALL_STDDEV * normal
+    if leaf == "kernel" and layer != _LAST_TEMPORAL_CONV:
+        return normal / np.sqrt(np.prod(shape[:-1]))  # fan in: every axis but the output one
+    if leaf == "embedding":
+        return normal / np.sqrt(shape[-1])
+    return _SMALL_STDDEV * normal
+
+
+def _write_json(path: str, content: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+        f.write("\n")
