@@ -126,17 +126,26 @@ def test_synthetic_clip(tmp_path):
 
 
 def test_single_model_folder(tmp_path):
-    """One hub model folder converts into ``dst`` itself, keeping the stored fp16; overwrite replaces it."""
+    """One hub model folder converts into ``dst`` itself, keeping the stored fp16."""
     dst = str(tmp_path / "unet")
     assert convert(KEYFRAMES_UNET, dst) == [dst]
     _, expected = load_unet(KEYFRAMES_UNET)
     _, actual = load_unet(dst)
     assert {leaf.dtype for leaf in jax.tree.leaves(actual)} == {np.dtype(np.float16)}
     _assert_same_params(expected, actual)
-    with pytest.raises(FileExistsError, match=re.escape(f"{dst} already exists; pass overwrite=True")):
-        convert(KEYFRAMES_UNET, dst)
-    assert convert(KEYFRAMES_UNET, dst, overwrite=True) == [dst]
     assert sorted(os.listdir(tmp_path)) == ["unet"]
+
+
+def test_overwrite_replaces_a_converted_model(pipelines, tmp_path):
+    hub, _, _ = pipelines
+    src, dst = os.path.join(hub, "text_encoder"), str(tmp_path / "text_encoder")
+    convert(src, dst)
+    with pytest.raises(FileExistsError, match=re.escape(f"{dst} already exists; pass overwrite=True")):
+        convert(src, dst)
+    (tmp_path / "text_encoder" / "stale").write_text("")
+    assert convert(src, dst, overwrite=True) == [dst]
+    assert "stale" not in os.listdir(dst) and checkpoints.is_converted_model(dst)
+    _assert_same_params(load_text_encoder(src)[1], load_text_encoder(dst)[1])
 
 
 def test_vae_folder(tmp_path):

@@ -13,7 +13,7 @@ from flax import traverse_util
 from vmc_jax import checkpoints
 from vmc_jax.conversion import find_weights_file, flax_to_torch, read_state_dict, torch_to_flax
 from vmc_jax.conversion.readers import LazyStateDict
-from vmc_jax.models.unet import UNet3D
+from vmc_jax.models.unet import UNet
 from vmc_jax.models.unet_config import UNetConfig
 
 UNET_WEIGHTS = ("diffusion_pytorch_model",)
@@ -21,7 +21,7 @@ UNET_WEIGHTS = ("diffusion_pytorch_model",)
 
 def build_unet(config: dict[str, Any], source: str = "config", **module_options) -> nn.Module:
     """The Flax UNet a diffusers ``config.json`` describes (``module_options``: dtype, remat)."""
-    return UNet3D(UNetConfig.from_dict(config, source=source), **module_options)
+    return UNet(UNetConfig.from_dict(config, source=source), **module_options)
 
 
 def abstract_params(model: nn.Module) -> Any:

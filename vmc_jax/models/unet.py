@@ -1,8 +1,10 @@
-"""The Show-1 pixel video UNet (keyframes, interpolation, super-resolution) in Flax.
+"""The cascade's UNets in Flax: Show-1's pixel video UNets (keyframes, interpolation,
+super-resolution), diffusers' UNet3DConditionModel (ModelScope / zeroscope) and the
+UNet2DConditionModel of DeepFloyd IF-II, one module built from the checkpoint's config.
 
-Input and output are channels last: ``(batch, frames, height, width, channels)``. The timestep
-and text embeddings are per video and shared by its frames; the 2D layers run on every frame,
-the temporal layers across frames.
+Video input and output are channels last: ``(batch, frames, height, width, channels)``; image
+models take ``(batch, height, width, channels)``. The timestep and text embeddings are per video
+and shared by its frames; the 2D layers run on every frame, the temporal layers across frames.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vmc_jax.models.attention import TemporalTransformer
 from vmc_jax.models.layers import GroupNorm, TextTimeEmbedding, TimestepEmbedding, activation, timestep_embedding
 from vmc_jax.models.resnet import conv2d
 from vmc_jax.models.unet_blocks import BLOCK_KINDS, BlockKind, BlockOptions, DownBlock, MidBlock, UpBlock
@@ -28,6 +31,8 @@ def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: in
     """
     if kind.attention == "transformer":
         spatial = (head_setting, out_channels // head_setting)
+        if config.family == "modelscope":  # diffusers' 3D blocks pass the setting as the head size
+            spatial = spatial[::-1]
         temporal = spatial
     else:
         spatial = (out_channels // head_setting, head_setting)
@@ -58,11 +63,12 @@ def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: in
         only_cross_attention=bool(only_cross),
         cross_attention_norm=config.cross_attention_norm,
         downsample_padding=config.downsample_padding,
+        temporal_conv_groups=config.norm_num_groups if config.family == "modelscope" else 32,
     )
 
 
-class UNet3D(nn.Module):
-    """Show-1's UNet3DConditionModel.
+class UNet(nn.Module):
+    """A diffusers-style conditional UNet (the family is ``config.family``).
 
     Attributes:
       config: the validated ``config.json``.
@@ -77,8 +83,14 @@ class UNet3D(nn.Module):
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  class_labels: jax.Array | None = None, train: bool = False) -> jax.Array:
-        """Predicts the model output for ``sample`` ``(b, f, h, w, c)``; ``train`` enables dropout."""
+        """Predicts the model output for ``sample`` (``(b, f, h, w, c)``, or ``(b, h, w, c)`` for an
+        image model); ``train`` enables the temporal-conv dropout."""
         c = self.config
+        if sample.ndim != (5 if c.is_video else 4):
+            layout = "(batch, frames, height, width, channels)" if c.is_video else "(batch, height, width, channels)"
+            raise ValueError(f"sample has shape {sample.shape}; this model takes {layout}")
+        if not c.is_video:
+            sample = sample[:, None]
         b, _, h, w, _ = sample.shape
         factor = 2 ** c.num_downsamplers
         if h % factor or w % factor:
@@ -96,6 +108,9 @@ class UNet3D(nn.Module):
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         x = conv2d(c.block_out_channels[0], c.conv_in_kernel, self.dtype, "conv_in")(sample.astype(self.dtype))
+        if c.family == "modelscope":
+            x = TemporalTransformer(8, c.attention_head_dim[0], c.norm_num_groups, dtype=self.dtype,
+                                    name="transformer_in")(x)
         skips = [x]
         wrap = nn.remat if self.remat else (lambda m: m)
         deterministic = not train
@@ -126,8 +141,9 @@ class UNet3D(nn.Module):
 
         if c.norm_num_groups is not None:
             x = GroupNorm(c.norm_num_groups, c.norm_eps, per_frame=True, dtype=self.dtype, name="conv_norm_out")(x)
-            x = activation(c.act_fn)(x)
-        return conv2d(c.out_channels, c.conv_out_kernel, self.dtype, "conv_out")(x)
+            x = activation("silu" if c.family == "modelscope" else c.act_fn)(x)
+        out = conv2d(c.out_channels, c.conv_out_kernel, self.dtype, "conv_out")(x)
+        return out if c.is_video else out[:, 0]
 
     def embed_time(self, timesteps: jax.Array, class_labels: jax.Array | None, text: jax.Array,
                    batch: int) -> jax.Array:
@@ -164,5 +180,6 @@ class UNet3D(nn.Module):
         size = 2 ** c.num_downsamplers
         text_dim = c.encoder_hid_dim or c.cross_attention_dim[0]
         needs_labels = c.class_embed_type is not None or c.num_class_embeds is not None
-        return (jnp.zeros((1, 1, size, size, c.in_channels)), jnp.zeros((1,), jnp.int32),
+        shape = (1, 1, size, size, c.in_channels) if c.is_video else (1, size, size, c.in_channels)
+        return (jnp.zeros(shape), jnp.zeros((1,), jnp.int32),
                 jnp.zeros((1, 1, text_dim)), jnp.zeros((1,), jnp.int32) if needs_labels else None)

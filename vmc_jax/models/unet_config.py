@@ -29,6 +29,34 @@ _SHOW1_DEFAULTS: dict[str, Any] = dict(
     transfromer_in_opt=False,
 )
 
+# diffusers' UNet3DConditionModel (ModelScope / zeroscope): only these keys, at these defaults.
+_MODELSCOPE_DEFAULTS: dict[str, Any] = dict(
+    sample_size=None, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1.0,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1024, attention_head_dim=64,
+    num_attention_heads=None, time_cond_proj_dim=None,
+)
+
+# diffusers' UNet2DConditionModel (DeepFloyd IF-II): the Show-1 keys (Show-1 derived from it) and these.
+_UNET2D_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in _SHOW1_DEFAULTS.items() if k != "transfromer_in_opt"},
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 1280, "dropout": 0.0, "reverse_transformer_layers_per_block": None,
+    "attention_type": "default",
+}
+
+# (class name, family) -> the keys a config may have, with their defaults. A Show-1 config is
+# told from a ModelScope one by Show-1's own `transfromer_in_opt` key.
+_FAMILIES = {
+    "show1": ("UNet3DConditionModel", _SHOW1_DEFAULTS, "3D"),
+    "modelscope": ("UNet3DConditionModel", _MODELSCOPE_DEFAULTS, "3D"),
+    "unet2d": ("UNet2DConditionModel", _UNET2D_DEFAULTS, "2D"),
+}
+
 # Values this implementation does not have; each maps the key to the only values it accepts.
 _SUPPORTED: dict[str, tuple] = dict(
     dual_cross_attention=(False,),
@@ -42,6 +70,9 @@ _SUPPORTED: dict[str, tuple] = dict(
     resnet_time_scale_shift=("default", "scale_shift"),
     cross_attention_norm=(None, "layer_norm", "group_norm"),
     transfromer_in_opt=(False,),
+    dropout=(0.0,),
+    reverse_transformer_layers_per_block=(None,),
+    attention_type=("default",),
     act_fn=("silu", "swish", "gelu", "mish"),
     time_embedding_act_fn=(None, "silu", "swish", "gelu", "mish"),
     timestep_post_act=(None, "silu", "swish", "gelu", "mish"),
@@ -56,6 +87,7 @@ class UNetConfig:
     """A validated UNet config; per-block settings are expanded to one value per down block."""
 
     class_name: str
+    family: str  # "show1", "modelscope" (diffusers UNet3DConditionModel) or "unet2d"
     values: tuple[tuple[str, Any], ...]
 
     def __getattr__(self, key: str) -> Any:
@@ -69,6 +101,10 @@ class UNetConfig:
         return {"_class_name": self.class_name, **{k: _jsonable(v) for k, v in self.values}}
 
     @property
+    def is_video(self) -> bool:
+        return self.family != "unet2d"
+
+    @property
     def num_downsamplers(self) -> int:
         return len(self.block_out_channels) - 1
 
@@ -76,14 +112,20 @@ class UNetConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "UNetConfig":
         """Validates ``raw`` (a diffusers config dict); ``source`` names it in errors."""
         class_name = raw.get("_class_name", "UNet3DConditionModel")
-        if class_name != "UNet3DConditionModel":
-            raise ValueError(f"{source}: unsupported UNet class {class_name!r} (expected 'UNet3DConditionModel')")
-        unknown = sorted(k for k in raw if not k.startswith("_") and k not in _SHOW1_DEFAULTS)
+        if class_name == "UNet2DConditionModel":
+            family = "unet2d"
+        elif class_name == "UNet3DConditionModel":
+            family = "show1" if "transfromer_in_opt" in raw or "addition_embed_type" in raw else "modelscope"
+        else:
+            raise ValueError(f"{source}: unsupported UNet class {class_name!r} "
+                             "(expected 'UNet3DConditionModel' or 'UNet2DConditionModel')")
+        _, defaults, dims = _FAMILIES[family]
+        unknown = sorted(k for k in raw if not k.startswith("_") and k not in defaults)
         if unknown:
-            raise ValueError(f"{source}: unknown config keys {unknown}")
-        values = {**_SHOW1_DEFAULTS, **{k: v for k, v in raw.items() if not k.startswith("_")}}
+            raise ValueError(f"{source}: unknown config keys {unknown} for a {class_name} ({family})")
+        values = {**_SHOW1_DEFAULTS, **defaults, **{k: v for k, v in raw.items() if not k.startswith("_")}}
         for key, allowed in _SUPPORTED.items():
-            if values[key] not in allowed:
+            if key in values and values[key] not in allowed:
                 raise ValueError(f"{source}: {key}={values[key]!r} is not supported (supported: {list(allowed)})")
         if values["num_attention_heads"] is not None:
             raise ValueError(f"{source}: num_attention_heads must be null in a Show-1 config "
@@ -96,10 +138,16 @@ class UNetConfig:
                 raise ValueError(f"{source}: {key} has {len(values[key])} entries, down_block_types {num_blocks}")
         for key in ("down_block_types", "up_block_types"):
             for name in values[key]:
-                if name not in BLOCK_KINDS or "Mid" in name:
-                    raise ValueError(f"{source}: unknown block type {name!r} in {key}")
-        if values["mid_block_type"] is not None and values["mid_block_type"] not in BLOCK_KINDS:
-            raise ValueError(f"{source}: unknown mid_block_type {values['mid_block_type']!r}")
+                if name not in BLOCK_KINDS or "Mid" in name or dims not in name:
+                    raise ValueError(f"{source}: unknown block type {name!r} in {key} for a {class_name}")
+        if family == "modelscope":  # fixed in that class: its mid block, and linear transformer projections
+            values.update(mid_block_type="UNetMidBlock3DCrossAttn", use_linear_projection=True)
+        mid = values["mid_block_type"]
+        if mid is not None and (mid not in BLOCK_KINDS or dims not in mid):
+            raise ValueError(f"{source}: unknown mid_block_type {mid!r} for a {class_name}")
+        if values["mid_block_only_cross_attention"] is None:  # the reference's rule, before expanding per block
+            only = values["only_cross_attention"]
+            values["mid_block_only_cross_attention"] = only if isinstance(only, bool) else False
         for key in _PER_BLOCK:
             value = values[key]
             if isinstance(value, (list, tuple)):
@@ -109,7 +157,7 @@ class UNetConfig:
             else:
                 values[key] = (value,) * num_blocks
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(class_name, tuple(sorted(values.items())))
+        return cls(class_name, family, tuple(sorted(values.items())))
 
 
 def read_unet_config(folder: str) -> UNetConfig:
