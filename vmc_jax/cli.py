@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"usage: vmc-jax {{{','.join(COMMANDS)}}} ...; see `vmc-jax --help`")
     command, args = argv[1], argv[2:]
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every file it writes
     if command == "convert":
         if len(args) != 2:
             raise app.UsageError("usage: vmc-jax convert SRC DST")

@@ -207,13 +207,13 @@ def _write_tokenizer(folder: str) -> int:
 
 def _write_model(folder: str, config: dict[str, Any], module: nn.Module, weights_name: str, seed: int) -> None:
     """Writes ``config.json`` and random weights of ``module`` under their PyTorch names (safetensors)."""
-    state_dict = to_torch_state_dict(module, _random_params(module, seed))
+    state_dict = to_torch_state_dict(module, random_params(module, seed))
     os.makedirs(folder, exist_ok=True)
     save_file(state_dict, os.path.join(folder, weights_name), metadata={"format": "pt"})
     _write_json(os.path.join(folder, "config.json"), config)
 
 
-def _random_params(module: nn.Module, seed: int) -> dict:
+def random_params(module: nn.Module, seed: int) -> dict:
     """Random float32 params for ``module``, drawn in numpy from its parameter shapes.
 
     Kernels and embeddings are scaled like Flax's default initialisers; norm scales are near 1;

@@ -142,7 +142,7 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
         loss, grads = jax.value_and_grad(loss_fn)(state.tuned)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.tuned)
         tuned = optax.apply_updates(state.tuned, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, tuned, opt_state, rng), metrics
 
     return jax.jit(step, donate_argnums=0)
