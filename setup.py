@@ -22,6 +22,7 @@ setup(
         "ml_collections>=0.1.1",
         "safetensors>=0.4.3",
         "numpy>=1.26",
+        "ml_dtypes>=0.4",
         "absl-py>=2.0",
         "tqdm>=4.66",
     ],

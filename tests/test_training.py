@@ -119,3 +119,44 @@ def test_killed_run_resumes_bit_identical(tiny_pipeline_flax, tmp_path, monkeypa
     rows = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
     assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
     assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("train.loss", "cosine", r"config.train.loss='cosine'; expected one of \['paper', 'official', 'l2'\]"),
+    ("inversion.method", "exact", r"config.inversion.method='exact'"),
+    ("train.steps", 0, r"config.train.steps=0 must be at least 1"),
+    ("video", "/no/such/clip.mp4", r"config.video: '/no/such/clip.mp4' does not exist"),
+])
+def test_bad_config_values_are_named(tiny_pipeline_flax, tmp_path, field, value, message):
+    config = tiny_config(tiny_pipeline_flax)
+    section, _, key = field.rpartition(".")
+    setattr(config[section] if section else config, key, value)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_pretrained_must_be_a_converted_pipeline(tmp_path):
+    config = tiny_config(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="has no unet/"):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_data_parallel_step_equals_single_device(tiny):
+    """A batch of 4 noisy copies split over the 4 host devices gives the single-device update."""
+    model, params, scheduler, clip, text = tiny
+    tuned, frozen = training.split_params(params)
+    optimizer = training.make_optimizer(1e-3)
+    clips = jnp.repeat(clip, 4, axis=0)
+    sharding = train._data_sharding(4)
+    assert sharding is not None and len(sharding.device_set) == 4
+
+    def one_step(clips):
+        state = training.TrainState.create(tuned, optimizer, jax.random.PRNGKey(0))
+        step = training.make_train_step(model, scheduler, optimizer, "paper")
+        return step(state, frozen, clips, text)
+
+    single, single_metrics = one_step(clips)
+    spread, spread_metrics = one_step(jax.device_put(clips, sharding))
+    np.testing.assert_allclose(float(spread_metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(single.tuned), jax.tree.leaves(spread.tuned)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -29,12 +29,10 @@ class Job:
     """What the train, generate and export commands share: the config, the model, the prompts."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        validate_config(config)
         self.config = config
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
-        if config.train.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"config.train.compute_dtype={config.train.compute_dtype!r}; "
-                             f"expected one of {sorted(COMPUTE_DTYPES)}")
         model, self.params = load_unet(os.path.join(config.pretrained, "unet"), dtype=np.float32)
         self.model = model.clone(dtype=COMPUTE_DTYPES[config.train.compute_dtype], remat=config.train.remat)
         self.scheduler = schedulers.from_config(os.path.join(config.pretrained, "scheduler"))
@@ -72,6 +70,32 @@ class Job:
                 data.save_video(np.asarray(frames[0], np.float32), path, fps=c.sampling.fps)
                 written.append(path)
         return written
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the field, on a config value the job would only trip over later."""
+    choices = {
+        "train.compute_dtype": (config.train.compute_dtype, tuple(COMPUTE_DTYPES)),
+        "train.loss": (config.train.loss, training.LOSS_KINDS),
+        "train.lr_schedule": (config.train.lr_schedule, ("constant", "linear", "cosine")),
+        "inversion.method": (config.inversion.method, inversion.METHODS),
+    }
+    for field, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"config.{field}={value!r}; expected one of {list(allowed)}")
+    positive = {"train.steps": config.train.steps, "train.batch_size": config.train.batch_size,
+                "train.checkpoint_every": config.train.checkpoint_every, "train.log_every": config.train.log_every,
+                "inversion.steps": config.inversion.steps, "sampling.steps": config.sampling.steps}
+    for field, value in positive.items():
+        if value < 1:
+            raise ValueError(f"config.{field}={value!r} must be at least 1")
+    for field, path in (("pretrained", config.pretrained), ("video", config.video)):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config.{field}: {path!r} does not exist")
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        if not os.path.isdir(os.path.join(config.pretrained, part)):
+            raise FileNotFoundError(f"config.pretrained: {config.pretrained!r} has no {part}/ "
+                                    "(expected a pipeline folder written by `vmc-jax convert`)")
 
 
 def _slug(text: str) -> str:

@@ -162,12 +162,16 @@ class MidBlock(nn.Module):
         return _resnet(channels, self.groups, self.act_fn, self.dtype, 1)(x, None)
 
 
-class DownEncoderBlock(nn.Module):
-    """DownEncoderBlock2D: resnets, then a strided convolution padded right / bottom (padding 0)."""
+class CoderBlock(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then the block's resampler, if any.
+
+    ``resample`` "down": a strided convolution padded right / bottom (padding 0); "up":
+    nearest-neighbour doubling and a convolution; None: the last block, no resampling.
+    """
 
     out_channels: int
     num_layers: int
-    add_downsample: bool
+    resample: str | None
     groups: int
     act_fn: str
     dtype: Dtype = jnp.float32
@@ -176,26 +180,9 @@ class DownEncoderBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_layers):
             x = _resnet(self.out_channels, self.groups, self.act_fn, self.dtype, i)(x, None)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.out_channels, padding=0, dtype=self.dtype, name="downsamplers_0")(x)
-        return x
-
-
-class UpDecoderBlock(nn.Module):
-    """UpDecoderBlock2D: resnets, then nearest-neighbour doubling and a convolution."""
-
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    groups: int
-    act_fn: str
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.num_layers):
-            x = _resnet(self.out_channels, self.groups, self.act_fn, self.dtype, i)(x, None)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
 
@@ -211,8 +198,9 @@ class Encoder(nn.Module):
         c = self.config
         x = conv2d(c.block_out_channels[0], 3, self.dtype, "conv_in")(x)
         for i, channels in enumerate(c.block_out_channels):
-            x = DownEncoderBlock(channels, c.layers_per_block, i < len(c.block_out_channels) - 1, c.norm_num_groups,
-                                 c.act_fn, dtype=self.dtype, name=f"down_blocks_{i}")(x)
+            resample = "down" if i < len(c.block_out_channels) - 1 else None
+            x = CoderBlock(channels, c.layers_per_block, resample, c.norm_num_groups, c.act_fn, dtype=self.dtype,
+                           name=f"down_blocks_{i}")(x)
         x = MidBlock(c.norm_num_groups, c.act_fn, c.mid_block_add_attention, dtype=self.dtype, name="mid_block")(x)
         return _output_layers(x, 2 * c.latent_channels, c.norm_num_groups, self.dtype)
 
@@ -230,8 +218,9 @@ class Decoder(nn.Module):
         x = conv2d(channels[0], 3, self.dtype, "conv_in")(x)
         x = MidBlock(c.norm_num_groups, c.act_fn, c.mid_block_add_attention, dtype=self.dtype, name="mid_block")(x)
         for i, out_channels in enumerate(channels):
-            x = UpDecoderBlock(out_channels, c.layers_per_block + 1, i < len(channels) - 1, c.norm_num_groups,
-                               c.act_fn, dtype=self.dtype, name=f"up_blocks_{i}")(x)
+            resample = "up" if i < len(channels) - 1 else None
+            x = CoderBlock(out_channels, c.layers_per_block + 1, resample, c.norm_num_groups, c.act_fn,
+                           dtype=self.dtype, name=f"up_blocks_{i}")(x)
         return _output_layers(x, c.out_channels, c.norm_num_groups, self.dtype)
 
 
