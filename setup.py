@@ -21,6 +21,7 @@ setup(
         "imageio-ffmpeg>=0.5",
         "ml_collections>=0.1.1",
         "safetensors>=0.4.3",
+        "sentencepiece>=0.2",  # the T5 tokenizers of Show-1 / IF ship only spiece.model
         "numpy>=1.26",
         "ml_dtypes>=0.4",
         "absl-py>=2.0",

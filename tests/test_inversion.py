@@ -23,7 +23,8 @@ def keyframes():
 
 def test_official_inversion_matches_the_released_next_step(keyframes):
     """Our scan vs the Tune-A-Video loop stated step by step with diffusers' DDIM scheduler (torch)
-    for timesteps and alphas, on the fixture UNet: within 1e-4 relative (measured ~1e-6)."""
+    for timesteps and alphas, on the fixture UNet: within 1e-4 relative (measured 1.8e-5; the
+    statement runs in float64, ours in float32)."""
     model, params, x0, text = keyframes
     steps = 5
     ours = inversion.ddim_invert(model, params, x0, text, schedulers.from_config(RELEASED_INVERSION_CONFIG),

@@ -2,7 +2,8 @@
 
 The fixtures (tests/fixtures/show1_*) were produced by Show-1's UNet3DConditionModel with
 diffusers 0.19.3 in fp32 on the CPU, every parameter random and rounded to fp16 (see their
-README). Measured: outputs within 1e-5 max abs error, gradients within 1e-6 relative.
+README). Measured: outputs within 1.0e-5 max abs error (keyframes 7.5e-6, interpolation
+1.0e-5, sr 9.6e-6), gradients within 4.3e-5 relative to their largest element.
 """
 
 import os
@@ -88,7 +89,7 @@ def keyframes():
 
 
 def test_bf16_compute_close_to_fp32(keyframes):
-    """bf16 activations with fp32 params: within 5% of the output scale (measured ~1%)."""
+    """bf16 activations with fp32 params: within 5% of the output scale (measured 3.2%)."""
     model, params, io, _ = keyframes
     out32 = np.moveaxis(io["out"], 1, -1)
     out16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, *fixture_inputs(io))

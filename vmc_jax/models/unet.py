@@ -26,8 +26,9 @@ def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: in
                    head_setting: int, mid: bool = False) -> BlockOptions:
     """The options of block ``i``; ``head_setting`` is its ``attention_head_dim`` config entry.
 
-    Transformer blocks use it as their head count; SimpleCrossAttn blocks as their head size, and
-    their temporal attention (built with the two arguments swapped) as its head count.
+    Show-1 and IF transformer blocks use it as their head count, ModelScope's as their head size;
+    SimpleCrossAttn blocks as their head size, and their temporal attention (built with the two
+    arguments swapped) as its head count.
     """
     if kind.attention == "transformer":
         spatial = (head_setting, out_channels // head_setting)
