@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 from vmc_jax.models.unet_blocks import BLOCK_KINDS
@@ -96,10 +94,6 @@ class UNetConfig:
         except KeyError:
             raise AttributeError(key) from None
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as written to ``config.json`` (per-block values expanded)."""
-        return {"_class_name": self.class_name, **{k: _jsonable(v) for k, v in self.values}}
-
     @property
     def is_video(self) -> bool:
         return self.family != "unet2d"
@@ -158,20 +152,3 @@ class UNetConfig:
                 values[key] = (value,) * num_blocks
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(class_name, family, tuple(sorted(values.items())))
-
-
-def read_unet_config(folder: str) -> UNetConfig:
-    """Reads and validates ``folder/config.json``."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json in {folder!r}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return UNetConfig.from_dict(raw, source=path)
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
