@@ -1,6 +1,7 @@
 """VMC tuning behaviour on the tiny random pipeline: what moves, that the loss falls, resuming."""
 
 import json
+import logging
 import os
 
 import jax
@@ -160,3 +161,15 @@ def test_data_parallel_step_equals_single_device(tiny):
     np.testing.assert_allclose(float(spread_metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(single.tuned), jax.tree.leaves(spread.tuned)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_data_parallel_job_compiles_its_step_once(tiny_pipeline_flax, tmp_path, caplog):
+    """batch_size 4 over the 4 host devices: frozen weights and state placed once, one compile."""
+    config = tiny_config(tiny_pipeline_flax, steps=3)
+    config.train.batch_size = 4
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        state = train.train_and_evaluate(config, str(tmp_path))
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
+    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
+    assert len(jax.tree.leaves(state.tuned)[0].sharding.device_set) == 4
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]

@@ -124,6 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     clips = jax.device_put(clips, sharding) if sharding else jnp.asarray(clips)
 
     tuned, frozen = training.split_params(job.params, c.train.tuned_params)
+    replicated = NamedSharding(sharding.mesh, PartitionSpec()) if sharding else None
+    frozen = jax.device_put(frozen, replicated)  # once: the frozen weights stay on the devices
     schedule = training.lr_schedule(c.train.lr, c.train.lr_schedule, c.train.steps, c.train.warmup_steps)
     optimizer = training.make_optimizer(schedule, c.train.b1, c.train.b2, c.train.eps, c.train.weight_decay,
                                         c.train.clip_grad_norm)
@@ -132,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     if start is not None:
         state = job.checkpoints.restore(start, state)
         logging.info("resumed from step %d", start)
+    state = jax.device_put(state, replicated)  # placed as the step returns it: no recompile on step 2
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     _truncate_metrics(metrics_path, int(state.step))
 
@@ -178,7 +181,7 @@ def generate_prompts(config: ml_collections.ConfigDict, workdir: str, prompt_lis
         raise ValueError("no prompt given (--prompt)")
     job = Job(config, workdir)
     _, frozen = training.split_params(job.params, config.train.tuned_params)
-    params = training.merge_params(job.tuned_params(), frozen)
+    params = jax.device_put(training.merge_params(job.tuned_params(), frozen))
     texts = job.embeddings(["", config.sampling.negative_prompt, *prompt_list])
     step = job.checkpoints.latest_step() or 0
     return job.generate(params, job.clip(), texts, prompt_list, os.path.join(workdir, "samples", f"generate_{step}"))
