@@ -74,7 +74,7 @@ def test_if_unet2d_matches_diffusers(tmp_path):
     assert error <= ATOL, error
 
 
-def test_family_specific_block_types_are_enforced(tmp_path):
+def test_family_specific_block_types_are_enforced():
     config = {"_class_name": "UNet2DConditionModel",
               "down_block_types": ["CrossAttnDownBlock3D", "DownBlock2D"],
               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [32, 32]}
