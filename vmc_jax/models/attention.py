@@ -8,22 +8,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.layers import GroupNorm, layer_norm
+from vmc_jax.models.layers import GroupNorm, dot_product_attention, layer_norm
 
 Dtype = Any
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Softmax attention, (..., Tq, heads*d) x (..., Tk, heads*d) -> (..., Tq, heads*d).
-
-    Logits and softmax run in float32 whatever the compute dtype (as the reference upcasts).
-    """
+    """Scaled softmax attention, (..., Tq, heads*d) x (..., Tk, heads*d) -> (..., Tq, heads*d)."""
     lead = q.shape[:-2]
 
     def split(x):
         return x.reshape(-1, x.shape[-2], heads, x.shape[-1] // heads)
 
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    out = dot_product_attention(split(q), split(k), split(v), scale=(q.shape[-1] // heads) ** -0.5)
     return out.reshape(*lead, q.shape[-2], -1)
 
 

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.layers import layer_norm
-from vmc_jax.models.t5 import dot_product_attention, hf_activation
+from vmc_jax.models.layers import dot_product_attention, layer_norm
+from vmc_jax.models.t5 import hf_activation
 
 _PREFIX = "text_model."
 

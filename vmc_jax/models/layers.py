@@ -61,6 +61,35 @@ def layer_norm(epsilon: float = 1e-5, dtype: Dtype = jnp.float32, name: str | No
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name, **kw)
 
 
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+) -> jax.Array:
+    """The attention core of every model: (batch, seq, heads, head_dim) in and out.
+
+    Scores accumulate in float32 and the softmax runs in float32 whatever the input dtype (as the
+    references do, and unlike ``jax.nn.dot_product_attention`` this also runs fp16 on the CPU).
+    ``bias`` is added to the scaled scores; keys where ``mask`` is False, and later keys when
+    ``causal``, get the float32 minimum as their score.
+    """
+    logits = jnp.einsum("bqnh,bknh->bnqk", query, key, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    if causal:
+        not_later = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+        mask = not_later if mask is None else mask & not_later
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", weights, value)
+
+
 def timestep_embedding(
     timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
 ) -> jax.Array:
@@ -110,7 +139,7 @@ class AttentionPooling(nn.Module):
         q = heads(nn.Dense(width, dtype=self.dtype, name="q_proj")(cls))
         k = heads(nn.Dense(width, dtype=self.dtype, name="k_proj")(tokens))
         v = heads(nn.Dense(width, dtype=self.dtype, name="v_proj")(tokens))
-        return jax.nn.dot_product_attention(q, k, v)[:, 0].reshape(batch, width)
+        return dot_product_attention(q, k, v, scale=(width // self.num_heads) ** -0.5)[:, 0].reshape(batch, width)
 
 
 class TextTimeEmbedding(nn.Module):

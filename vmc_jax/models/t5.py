@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vmc_jax.models.layers import dot_product_attention
+
 # transformers' activation names (``ACT2FN`` keys) used by T5 and CLIP text configs.
 HF_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -36,35 +38,6 @@ def hf_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in HF_ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(HF_ACTIVATIONS))}")
     return HF_ACTIVATIONS[name]
-
-
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    scale: float,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    causal: bool = False,
-) -> jax.Array:
-    """The attention core shared by the T5 and CLIP encoders: (batch, seq, heads, head_dim) in and out.
-
-    Scores accumulate in float32 and the softmax runs in float32 whatever the input dtype (as the
-    references do, and unlike ``jax.nn.dot_product_attention`` this also runs fp16 on the CPU).
-    ``bias`` is added to the scaled scores; keys where ``mask`` is False, and later keys when
-    ``causal``, get the float32 minimum as their score.
-    """
-    logits = jnp.einsum("bqnh,bknh->bnqk", query, key, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        logits = logits + bias
-    if causal:
-        not_later = jnp.tril(jnp.ones(logits.shape[-2:], bool))
-        mask = not_later if mask is None else mask & not_later
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", weights, value)
 
 
 @dataclasses.dataclass(frozen=True)
