@@ -42,8 +42,7 @@ def main() -> None:
     @jax.jit
     def one_step(x, t, a_cur, a_next):
         eps = model.apply({"params": params}, x, jnp.full((1,), t), text)[..., : x.shape[-1]]
-        x0_pred = (x - jnp.sqrt(1 - a_cur) * eps) / jnp.sqrt(a_cur)
-        return jnp.sqrt(a_next) * x0_pred + jnp.sqrt(1 - a_next) * eps
+        return inversion.inversion_update(x, eps, a_cur, a_next)
 
     schedule = inversion.inversion_schedule(scheduler, args.steps, "model")
     jax.block_until_ready(one_step(x0, *(s[0] for s in schedule)))  # compile

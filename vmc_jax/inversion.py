@@ -62,6 +62,12 @@ def inversion_schedule(scheduler: Scheduler, num_steps: int, method: str = "mode
     return t.astype(np.int32), a_cur, acp[t].astype(np.float32)
 
 
+def inversion_update(x: jax.Array, eps: jax.Array, a_cur: jax.Array, a_next: jax.Array) -> jax.Array:
+    """One deterministic DDIM step up the noise levels: x at ``a_cur`` -> x at ``a_next``."""
+    x0_pred = (x - jnp.sqrt(1 - a_cur) * eps) / jnp.sqrt(a_cur)
+    return jnp.sqrt(a_next) * x0_pred + jnp.sqrt(1 - a_next) * eps
+
+
 def _invert(model: nn.Module, scheduler: Scheduler, num_steps: int, method: str, return_trajectory: bool,
             params: Any, x0: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
     if scheduler.prediction_type != "epsilon":
@@ -74,8 +80,7 @@ def _invert(model: nn.Module, scheduler: Scheduler, num_steps: int, method: str,
     def step(x, xs):
         t, a_cur, a_next = xs
         eps = model.apply({"params": params}, x, jnp.full((batch,), t), text)[..., :channels].astype(jnp.float32)
-        x0_pred = (x - jnp.sqrt(1 - a_cur) * eps) / jnp.sqrt(a_cur)
-        x = jnp.sqrt(a_next) * x0_pred + jnp.sqrt(1 - a_next) * eps
+        x = inversion_update(x, eps, a_cur, a_next)
         return x, x if return_trajectory else None
 
     x_T, path = jax.lax.scan(step, x0.astype(jnp.float32), inversion_schedule(scheduler, num_steps, method))
