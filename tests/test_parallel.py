@@ -94,3 +94,14 @@ def test_four_clips_at_once_equal_each_clip_alone():
         assert np.quantile(difference, 0.999) <= 1e-4 and difference.max() <= 1e-2, difference.max()
     first = [np.ravel(a[0] - a[1]) for a in jax.tree.leaves(states.tuned)]
     assert np.abs(np.concatenate(first)).max() > 1e-4  # the clips really were tuned apart
+
+
+def test_global_batch_places_each_row_on_its_device():
+    mesh = parallel.make_mesh({"clips": 2, "data": 2})
+    batch = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
+    assert parallel.host_rows(mesh, 4, ("clips", "data")) == slice(0, 4)  # one process holds every row
+    placed = parallel.global_batch(mesh, {"x": batch}, ("clips", "data"))["x"]
+    np.testing.assert_array_equal(np.asarray(placed), batch)
+    for shard in placed.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), batch[shard.index])
+    assert len({shard.device for shard in placed.addressable_shards}) == 4

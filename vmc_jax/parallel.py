@@ -10,7 +10,7 @@ copies of its last item, and what the padding computes is dropped (inversion, sa
 weighted zero (the training loss), so results do not depend on the device count.
 
 On several hosts every process runs the same program; `initialize` joins them, the mesh spans
-all their devices, each host feeds its share of a batch (`global_batch`) and only the main
+all their devices, each host feeds its own rows of a batch (`global_batch`) and only the main
 process writes files.
 """
 
@@ -109,9 +109,27 @@ def pad_batch(x: Any, multiple: int, name: str) -> tuple[Any, int]:
     return x, size
 
 
-def global_batch(mesh: Mesh, local: np.ndarray, *axes: str | None) -> jax.Array:
-    """One global array from every process's local share, split along `axes` (one array per host)."""
-    return jax.make_array_from_process_local_data(sharded(mesh, *axes), np.asarray(local))
+def host_rows(mesh: Mesh, size: int, *axes: str | None) -> slice:
+    """The rows of a (size, ...) batch split along `axes` that this process's devices hold."""
+    index_map = sharded(mesh, *axes).addressable_devices_indices_map((size,))
+    starts = [index[0].start or 0 for index in index_map.values()]
+    stops = [size if index[0].stop is None else index[0].stop for index in index_map.values()]
+    return slice(min(starts), max(stops))
+
+
+def global_batch(mesh: Mesh, batch: Any, *axes: str | None) -> Any:
+    """The global arrays of a batch split along `axes`, each process giving only its own rows.
+
+    `batch` is a tree of host arrays of the whole batch (its rows are cheap to make on every
+    host, e.g. noisy copies of one clip); only this process's rows are read and transferred.
+    """
+    sharding = sharded(mesh, *axes)
+
+    def place(a):
+        a = np.asarray(a)
+        return jax.make_array_from_process_local_data(sharding, a[host_rows(mesh, len(a), *axes)], a.shape)
+
+    return jax.tree.map(place, batch)
 
 
 def put_global(mesh: Mesh, value: Any, *axes: str | None) -> Any:
