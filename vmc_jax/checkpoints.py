@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+
+from vmc_jax import files
+from vmc_jax.errors import JobError
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -27,15 +32,7 @@ def save_model(folder: str, config: dict[str, Any], params: Any) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(folder, PARAMS_DIR), params, force=True)
         checkpointer.wait_until_finished()
-    write_text_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes a text file so that a reader sees the old or the new content, never a part."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    files.write_text_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
 
 
 def read_config(folder: str) -> dict[str, Any]:
@@ -71,26 +68,81 @@ def restore_params(folder: str, abstract_params: Any, dtype: Any = None) -> Any:
     return jax.tree.map(np.asarray, params)
 
 
-class TrainCheckpoints:
-    """The train state every N steps in ``directory/<step>``, the newest few kept (orbax)."""
+def brief(error: BaseException) -> str:
+    """The first line of an error (orbax / TensorStore append pages of details), at most 200 characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 200 else text[:197] + "..."
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
+
+@contextlib.contextmanager
+def _quiet_async_errors() -> Iterator[None]:
+    """Silences asyncio's 'Task exception was never retrieved' reports of orbax's reader tasks."""
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class TrainCheckpoints:
+    """The train state every N steps in ``directory/<step>``, the newest few kept (orbax).
+
+    A step that fails to restore is reported in one line and the next older one is tried
+    (``strict`` refuses instead); a storage error while saving is reported once, as a JobError.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 2, strict: bool = False):
+        self.directory = os.path.abspath(directory)
+        self.strict = strict
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
-        self.manager.save(step, args=ocp.args.StandardSave(state))
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state))
+        except Exception as e:  # noqa: BLE001 - orbax raises what its storage layer raised
+            raise JobError(f"cannot write checkpoint step {step} to {self.directory}: {brief(e)}") from e
 
-    def restore(self, step: int, like: Any) -> Any:
-        """The state saved at ``step``, shaped like ``like``."""
-        return self.manager.restore(step, args=ocp.args.StandardRestore(like))
+    def restore_latest(self, like: Any = None) -> tuple[int | None, Any]:
+        """(step, state) of the newest step that restores, shaped like ``like`` (None: as stored); (None, None) if none.
 
-    def restore_tuned(self, step: int) -> Any:
-        """Only the tuned params of the state saved at ``step`` (all that generate and export need)."""
-        return jax.tree.map(np.asarray, self.manager.restore(step, args=ocp.args.StandardRestore())["tuned"])
+        Steps that fail are named in a warning (or, when strict, raise a JobError); ``like=None``
+        restores on the host.
+        """
+        args = ocp.args.StandardRestore(like)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with _quiet_async_errors():
+                    state = self.manager.restore(step, args=args)
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means it is unusable
+                problem = f"checkpoint step {step} in {self.directory} is unreadable ({brief(e)})"
+                if self.strict:
+                    raise JobError(f"{problem}; without --strict the newest intact step is used") from e
+                logging.warning("%s; trying the previous step", problem)
+                continue
+            return step, state if like is not None else jax.tree.map(np.asarray, state)
+        if self.manager.all_steps():
+            raise JobError(f"no checkpoint in {self.directory} is readable")
+        return None, None
+
+    def set_aside(self, newer_than: int | None) -> None:
+        """Moves steps after ``newer_than`` (unreadable ones) to ``<directory>.unreadable/`` so training can rewrite them."""
+        for step in self.manager.all_steps():
+            if newer_than is None or step > newer_than:
+                aside = os.path.join(self.directory + ".unreadable", str(step))
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                os.replace(os.path.join(self.directory, str(step)), files.unused_path(aside))
+                logging.warning("moved the unreadable checkpoint step %d to %s", step, os.path.dirname(aside))
+        self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise JobError(f"cannot write a checkpoint to {self.directory}: {brief(e)}") from e

@@ -119,7 +119,8 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
 
     ``clips`` ``(b, f, h, w, c)`` in [-1, 1]; ``text`` ``(b or 1, L, d)``. Per clip a timestep
     t ~ U{0..T-1} and noise ~ N(0, I) give x_t; the model runs in train mode (temporal-conv
-    dropout); the loss compares the first ``c`` output channels with the noise. The state is
+    dropout); the loss compares the first ``c`` output channels with the noise. A step whose loss
+    or gradients are not finite changes no parameter and reports ``finite=False``. The state is
     donated, so its buffers are updated in place.
     """
     if loss_kind not in LOSS_KINDS:
@@ -140,9 +141,14 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
             return motion_distillation_loss(out[..., :channels], noise, loss_kind)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.tuned)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.tuned)
         tuned = optax.apply_updates(state.tuned, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        # a non-finite step leaves params and optimizer state as they were (the loop decides what then)
+        tuned, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                        (tuned, opt_state), (state.tuned, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         return TrainState(state.step + 1, tuned, opt_state, rng), metrics
 
     return jax.jit(step, donate_argnums=0)
