@@ -6,7 +6,8 @@ import contextlib
 import json
 import logging
 import os
-from typing import Any, Iterator
+import re
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -69,10 +70,14 @@ def restore_params(folder: str, abstract_params: Any, dtype: Any = None) -> Any:
 
 
 def brief(error: BaseException) -> str:
-    """The first line of an error (orbax / TensorStore append pages of details), at most 200 characters."""
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= 200 else text[:197] + "..."
+    """One short line for an orbax / TensorStore error, which appends pages of details to its first line."""
+    text = str(error)
+    os_error = re.search(r"os_error_code='(\d+)'", text)
+    if os_error:  # TensorStore's storage errors end in the errno of the failed write or read
+        return f"{os.strerror(int(os_error.group(1)))} (errno {os_error.group(1)})"
+    lines = text.strip().splitlines()
+    first = f"{type(error).__name__}: {lines[0].split(' See full TensorStore details')[0] if lines else ''}"
+    return first if len(first) <= 200 else first[:197] + "..."
 
 
 @contextlib.contextmanager
@@ -99,15 +104,27 @@ class TrainCheckpoints:
         self.strict = strict
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: int | None = None  # the step being written in the background
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
+        """Starts writing ``state`` as ``step`` in the background, after the previous write has finished."""
+        self.wait()
+        self._writing = step
+        self._reporting_errors(lambda: self.manager.save(step, args=ocp.args.StandardSave(state)))
+
+    def wait(self) -> None:
+        """Waits for the background write; a failed one raises a JobError naming its step."""
+        self._reporting_errors(self.manager.wait_until_finished)
+        self._writing = None
+
+    def _reporting_errors(self, action: Callable[[], Any]) -> None:
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state))
+            action()
         except Exception as e:  # noqa: BLE001 - orbax raises what its storage layer raised
-            raise JobError(f"cannot write checkpoint step {step} to {self.directory}: {brief(e)}") from e
+            raise JobError(f"cannot write checkpoint step {self._writing} to {self.directory}: {brief(e)}") from e
 
     def restore_latest(self, like: Any = None) -> tuple[int | None, Any]:
         """(step, state) of the newest step that restores, shaped like ``like`` (None: as stored); (None, None) if none.
@@ -140,9 +157,3 @@ class TrainCheckpoints:
                 os.replace(os.path.join(self.directory, str(step)), files.unused_path(aside))
                 logging.warning("moved the unreadable checkpoint step %d to %s", step, os.path.dirname(aside))
         self.manager.reload()
-
-    def wait(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-            raise JobError(f"cannot write a checkpoint to {self.directory}: {brief(e)}") from e

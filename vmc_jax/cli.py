@@ -46,8 +46,9 @@ def _quiet_logs() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-    for name, level in (("jax", logging.WARNING), ("absl", logging.WARNING), ("asyncio", logging.CRITICAL)):
-        logging.getLogger(name).setLevel(level)  # orbax logs every file it writes through absl
+    # orbax logs through absl: every file it writes, and each storage error several times (reported here once)
+    for name, level in (("jax", logging.WARNING), ("absl", logging.CRITICAL), ("asyncio", logging.CRITICAL)):
+        logging.getLogger(name).setLevel(level)
 
 
 def _job_config() -> ConfigDict:
@@ -137,3 +138,7 @@ def run() -> None:
     if "--verbose" not in sys.argv:
         _quiet_logs()  # before JAX, transformers and orbax are imported
     app.run(main, argv=sys.argv, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
