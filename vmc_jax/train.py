@@ -77,27 +77,29 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> tra
     train_step = training.make_train_step(model, scheduler, optimizer, c.train.loss)
     text = jnp.asarray(texts[train_prompt])[None]
     pending, skipped = [], []  # device metrics, fetched every log_every steps so the loop never waits on the host
-    for step in tqdm(range(int(state.step), c.train.steps), initial=int(state.step), total=c.train.steps,
-                     desc="VMC tuning", unit="step"):
-        state, metrics = train_step(state, frozen, clips, text)
-        pending.append((step + 1, metrics))
-        done = step + 1
-        if done % c.train.log_every == 0 or done == c.train.steps or done % c.train.checkpoint_every == 0:
-            skipped += _append_metrics(metrics_path, pending, schedule)
-            pending = []
-            if skipped and c.train.non_finite == "stop":
-                raise TrainingDiverged(
-                    f"step {skipped[0]}: the loss or the gradients are not finite (config.train.lr={c.train.lr}); "
-                    f"stopped, last checkpoint: step {store.latest_step()}. Lower the learning rate, or set "
-                    "config.train.non_finite=skip to skip such steps")
-        if done % c.train.checkpoint_every == 0 or done == c.train.steps:
-            store.save(done, state)
-        if c.validation.every and (done % c.validation.every == 0 or done == c.train.steps):
-            videos = generate.keyframe_videos(model, training.merge_params(state.tuned, frozen), scheduler, clip,
-                                              texts, list(c.validation.prompts), c)
-            generate.write_videos(videos, list(c.validation.prompts),
-                                  workdir.samples_dir(job_dir, f"step_{done}"), c.sampling.fps, overwrite=True)
-    store.wait()
+    try:  # a stopped run still finishes writing its last checkpoint
+        for step in tqdm(range(int(state.step), c.train.steps), initial=int(state.step), total=c.train.steps,
+                         desc="VMC tuning", unit="step"):
+            state, metrics = train_step(state, frozen, clips, text)
+            pending.append((step + 1, metrics))
+            done = step + 1
+            if done % c.train.log_every == 0 or done == c.train.steps or done % c.train.checkpoint_every == 0:
+                skipped += _append_metrics(metrics_path, pending, schedule)
+                pending = []
+                if skipped and c.train.non_finite == "stop":
+                    raise TrainingDiverged(
+                        f"step {skipped[0]}: the loss or the gradients are not finite (config.train.lr={c.train.lr}); "
+                        f"stopped, last checkpoint: step {store.latest_step()}. Lower the learning rate, or set "
+                        "config.train.non_finite=skip to skip such steps")
+            if done % c.train.checkpoint_every == 0 or done == c.train.steps:
+                store.save(done, state)
+            if c.validation.every and (done % c.validation.every == 0 or done == c.train.steps):
+                videos = generate.keyframe_videos(model, training.merge_params(state.tuned, frozen), scheduler, clip,
+                                                  texts, list(c.validation.prompts), c)
+                generate.write_videos(videos, list(c.validation.prompts),
+                                      workdir.samples_dir(job_dir, f"step_{done}"), c.sampling.fps, overwrite=True)
+    finally:
+        store.wait()
     if skipped:
         logging.warning("skipped %d non-finite steps (first: step %d)", len(skipped), skipped[0])
     return state
