@@ -6,6 +6,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -14,11 +16,39 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 SHOW1_FIXTURES = ("show1_keyframes", "show1_interpolation", "show1_sr", "show1_crossattn")
 CLIP = os.path.join(REPO, "configs", "assets", "moving_square.gif")
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # fast_compile for a subprocess
 
 
-@pytest.fixture(scope="session")
-def fixtures_dir() -> str:
-    return FIXTURES
+@pytest.fixture(scope="module")
+def fast_compile():
+    """XLA without most optimizations for a module: its tiny jobs compile several times faster.
+
+    Only for tests of behaviour (what moves, what is refused, what is written), never of numerics.
+    """
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def channels_last(x: np.ndarray) -> jnp.ndarray:
+    """PyTorch (b, c, ...) -> (b, ..., c)."""
+    return jnp.asarray(np.moveaxis(x, 1, -1))
+
+
+def fixture_inputs(io) -> tuple:
+    """A Show-1 fixture's UNet inputs: (sample, timesteps, encoder_hidden_states, class_labels or None)."""
+    labels = jnp.asarray(io["class_labels"]) if "class_labels" in io.files else None
+    return (channels_last(io["sample"]), jnp.asarray(io["timesteps"]),
+            jnp.asarray(io["encoder_hidden_states"]), labels)
+
+
+def load_fixture(name: str) -> tuple:
+    """(model, fp32 params, io.npz, folder) of the Show-1 fixture ``name``."""
+    import vmc_jax
+
+    folder = os.path.join(FIXTURES, name)
+    model, params = vmc_jax.load_unet(os.path.join(folder, "unet"), dtype=np.float32)
+    return model, params, np.load(os.path.join(folder, "io.npz")), folder
 
 
 @pytest.fixture(scope="session")

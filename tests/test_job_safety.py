@@ -14,11 +14,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import FAST_COMPILE_ENV, REPO, tiny_config
 from vmc_jax import checkpoints, generate, job_config, text, train, workdir
 from vmc_jax.conversion import read_state_dict
 from vmc_jax.errors import JobError, TrainingDiverged
 from vmc_jax.export import export_tuned
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
@@ -264,9 +266,9 @@ def test_generate_without_a_checkpoint_needs_allow_untuned(tiny_pipeline_flax, t
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def vmc_jax_cli(*args, cwd=REPO):
+def vmc_jax_cli(*args):
     return subprocess.run([sys.executable, "-m", "vmc_jax.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env={**os.environ, "PYTHONPATH": REPO})
+                          timeout=300, cwd=REPO, env={**os.environ, **FAST_COMPILE_ENV, "PYTHONPATH": REPO})
 
 
 @pytest.mark.parametrize("args, message", [

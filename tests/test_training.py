@@ -13,6 +13,8 @@ from conftest import CLIP, tiny_config
 from vmc_jax import data, schedulers, tiny_pipeline, train, training
 from vmc_jax.loading import build_unet
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 @pytest.fixture(scope="module")
 def tiny():

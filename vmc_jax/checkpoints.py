@@ -149,7 +149,7 @@ class TrainCheckpoints:
         return None, None
 
     def set_aside(self, newer_than: int | None) -> None:
-        """Moves steps after ``newer_than`` (unreadable ones) to ``<directory>.unreadable/`` so training can rewrite them."""
+        """Moves steps after ``newer_than`` (unreadable) to ``<directory>.unreadable/``, so training rewrites them."""
         for step in self.manager.all_steps():
             if newer_than is None or step > newer_than:
                 aside = os.path.join(self.directory + ".unreadable", str(step))

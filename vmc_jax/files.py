@@ -1,4 +1,4 @@
-"""Writing files safely: atomically (a reader sees the old or the new file, never a part), and never over a file unasked."""
+"""Writing files safely: atomically (a reader sees the old or the new file, never a part), never over one unasked."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Keyframe generation: the keyframe UNet a job tunes, sampling from the inverted training clip, and ``vmc-jax generate``.
+"""Keyframe generation: the keyframe UNet a job tunes, sampling from the inverted clip, ``vmc-jax generate``.
 
 The seam for later cascade stages is :func:`keyframe_videos`: loaded model, params and prompt
 states in, one keyframe video per prompt out.
@@ -97,7 +97,7 @@ def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: n
 
 def write_videos(videos: list[np.ndarray], prompt_list: list[str], out_dir: str, fps: float,
                  overwrite: bool = False) -> list[str]:
-    """Writes each video as ``<i>_<prompt>.gif`` and ``.mp4``; without ``overwrite`` a taken name gets ``-2``, ``-3``..."""
+    """Writes each video as ``<i>_<prompt>.gif`` and ``.mp4``; unless ``overwrite``, a taken name gets ``-2``..."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for i, (video, prompt) in enumerate(zip(videos, prompt_list)):

@@ -86,8 +86,8 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "validation.prompts": _prompt_list, "validation.every": _at_least(0),
     "inversion.steps": _at_least(1), "inversion.method": _one_of(inversion.METHODS),
     "inversion.scheduler": _optional_path,
-    "sampling.steps": _at_least(1), "sampling.guidance": _of_type(int, float), "sampling.negative_prompt": _of_type(str),
-    "sampling.fps": _above(0),
+    "sampling.steps": _at_least(1), "sampling.guidance": _of_type(int, float),
+    "sampling.negative_prompt": _of_type(str), "sampling.fps": _above(0),
 }
 
 

@@ -1,4 +1,4 @@
-"""Reading any model folder: its config.json and its params, from a converted folder or a hub folder's PyTorch weights."""
+"""Reading any model folder: its config.json, and its params from a converted folder or PyTorch weights."""
 
 from __future__ import annotations
 
