@@ -311,3 +311,25 @@ def test_cli_diverged_run_exits_1_in_one_line(tiny_pipeline_flax, tmp_path):
     assert errors == ["vmc-jax: error: step 2: the loss or the gradients are not finite (config.train.lr=1e+30); "
                       "stopped, last checkpoint: step 1. Lower the learning rate, or set "
                       "config.train.non_finite=skip to skip such steps"], result.stderr[-3000:]
+
+
+def safetensors_file(path, header_size=None, cut=0):
+    """A one-tensor safetensors file ("w", 4x4 float32); optionally a forged header length or cut bytes."""
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.ones((4, 4), np.float32)}, str(path))
+    raw = path.read_bytes()
+    if header_size is not None:
+        raw = header_size.to_bytes(8, "little") + raw[8:]
+    path.write_bytes(raw[:len(raw) - cut])
+    return str(path)
+
+
+@pytest.mark.parametrize("header_size, cut, message", [
+    (10 ** 15, 0, r"cannot read safetensors header of '.*w.safetensors': header length 1000000000000000 but the "
+                  r"file has \d+ bytes"),
+    (None, 20, r"'.*w.safetensors': tensor 'w' ends at byte 64 of the data, which has only 44 bytes"),
+])
+def test_a_bad_safetensors_header_names_file_and_tensor(tmp_path, header_size, cut, message):
+    with pytest.raises(ValueError, match=message):
+        read_state_dict(safetensors_file(tmp_path / "w.safetensors", header_size, cut))

@@ -112,8 +112,8 @@ def _dispatch(command: str, args: list[str]) -> None:
     else:
         from vmc_jax.export import export_tuned
 
-        print(export_tuned(_job_config(), _require(_WORKDIR, "workdir"), _require(_OUT, "out"),
-                           overwrite=_OVERWRITE.value, strict=_STRICT.value))
+        job_dir, out = _require(_WORKDIR, "workdir"), _require(_OUT, "out")
+        print(export_tuned(_job_config(), job_dir, out, overwrite=_OVERWRITE.value, strict=_STRICT.value))
 
 
 def main(argv: list[str]) -> None:

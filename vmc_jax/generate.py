@@ -22,7 +22,6 @@ from vmc_jax.errors import JobError
 from vmc_jax.loading import load_unet
 from vmc_jax.schedulers import Scheduler
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 VIDEO_FORMATS = ("gif", "mp4")
 
 
@@ -68,7 +67,7 @@ def inversion_scheduler(model_scheduler: Scheduler, method: str, config_path: st
 def load_keyframe_unet(config: ml_collections.ConfigDict) -> tuple[nn.Module, Any, Scheduler]:
     """The pretrained keyframe UNet (compute dtype and remat from ``config.train``), its params and scheduler."""
     model, params = load_unet(os.path.join(config.pretrained, "unet"), dtype=np.float32)
-    model = model.clone(dtype=COMPUTE_DTYPES[config.train.compute_dtype], remat=config.train.remat)
+    model = model.clone(dtype=job_config.COMPUTE_DTYPES[config.train.compute_dtype], remat=config.train.remat)
     return model, params, schedulers.from_config(os.path.join(config.pretrained, "scheduler"))
 
 

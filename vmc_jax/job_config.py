@@ -7,12 +7,13 @@ import os
 import re
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import ml_collections
 
 from vmc_jax import checkpoints, inversion, training
 from vmc_jax.models.unet_config import UNetConfig
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.compute_dtype -> dtype
 LR_SCHEDULES = ("constant", "linear", "cosine")
 NON_FINITE_POLICIES = ("stop", "skip")
 PIPELINE_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
@@ -72,15 +73,14 @@ def _optional_path(v: Any) -> str | None:
 
 # field -> check(value) returning the problem or None. These are all the fields a job reads.
 FIELDS: dict[str, Callable[[Any], str | None]] = {
-    "pretrained": _path, "video": _path, "prompt": _of_type(str), "invariant_prompt": _of_type(str),
-    "seed": _of_type(int),
+    "prompt": _of_type(str), "invariant_prompt": _of_type(str), "seed": _of_type(int),
     "data.num_frames": _at_least(2), "data.height": _at_least(1), "data.width": _at_least(1),
     "data.stride": _at_least(1), "data.start": _at_least(0), "data.reverse": _of_type(bool),
     "train.steps": _at_least(1), "train.lr": _above(0), "train.lr_schedule": _one_of(LR_SCHEDULES),
     "train.warmup_steps": _at_least(0), "train.b1": _within(0, 1), "train.b2": _within(0, 1),
     "train.eps": _above(0), "train.weight_decay": _non_negative, "train.clip_grad_norm": _above(0),
     "train.loss": _one_of(training.LOSS_KINDS), "train.batch_size": _at_least(1), "train.tuned_params": _regex,
-    "train.remat": _of_type(bool), "train.compute_dtype": _one_of(COMPUTE_DTYPES),
+    "train.remat": _of_type(bool), "train.compute_dtype": _one_of(tuple(COMPUTE_DTYPES)),
     "train.checkpoint_every": _at_least(1), "train.log_every": _at_least(1),
     "train.non_finite": _one_of(NON_FINITE_POLICIES),
     "validation.prompts": _prompt_list, "validation.every": _at_least(0),
@@ -88,6 +88,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "inversion.scheduler": _optional_path,
     "sampling.steps": _at_least(1), "sampling.guidance": _of_type(int, float),
     "sampling.negative_prompt": _of_type(str), "sampling.fps": _above(0),
+    "pretrained": _path, "video": _path,  # last: a bad value elsewhere is named even with the default paths
 }
 
 
