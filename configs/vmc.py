@@ -50,13 +50,17 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
     config.train.weight_decay = 1e-2
     config.train.clip_grad_norm = 1.0
     config.train.loss = "paper"  # "paper", "official" (the released code's) or "l2"
-    config.train.batch_size = 1  # noisy copies of the clip per step, split over local devices
+    config.train.batch_size = 1  # noisy copies of the clip per step, split over the mesh's data axis
     config.train.tuned_params = TEMPORAL_ATTENTION_QKV  # a regex over "/"-joined param paths
     config.train.remat = True
     config.train.compute_dtype = "float32"  # or "bfloat16"
     config.train.checkpoint_every = 100
     config.train.log_every = 10
     config.train.non_finite = "stop"  # a step with a non-finite loss or gradient: "stop" the run, or "skip" it
+
+    # Devices: sizes of the ("clips", "data") mesh axes, -1 for the rest (vmc_jax.parallel). The
+    # batch is split over "data" (padded with zero-weight copies when it does not divide).
+    config.mesh = ml_collections.ConfigDict(dict(clips=1, data=-1))
 
     config.validation = ml_collections.ConfigDict()
     config.validation.prompts = validation_prompts

@@ -31,7 +31,7 @@ trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
 status=0
 for _ in "${pids[@]}"; do
-  if ! wait -n "${pids[@]}"; then  # one process failed: the others would wait on it, stop them
+  if ! wait -n; then  # one process failed: the others would wait on it, stop them
     status=1
     kill "${pids[@]}" 2>/dev/null || true
     break

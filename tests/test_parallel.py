@@ -1,16 +1,13 @@
 """The mesh (vmc_jax.parallel): axis sizes, the batch padding policy, several clips tuned at once."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import CLIP
 from vmc_jax import data, parallel, schedulers, tiny_pipeline, training
 from vmc_jax.loading import build_unet
-
-CLIP = os.path.join(os.path.dirname(__file__), "..", "configs", "assets", "moving_square.gif")
 
 
 @pytest.mark.parametrize("sizes, devices, expected", [

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import CLIP, tiny_config
-from vmc_jax import data, schedulers, tiny_pipeline, train, training
+from vmc_jax import data, parallel, schedulers, tiny_pipeline, train, training
 from vmc_jax.loading import build_unet
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -108,8 +108,8 @@ def test_data_parallel_step_equals_single_device(tiny):
     tuned, frozen = training.split_params(params)
     optimizer = training.make_optimizer(1e-3)
     clips = jnp.repeat(clip, 4, axis=0)
-    sharding = train._data_sharding(4)
-    assert sharding is not None and len(sharding.device_set) == 4
+    sharding = parallel.sharded(parallel.make_mesh(), "data")
+    assert len(sharding.device_set) == 4
 
     def one_step(clips):
         state = training.TrainState.create(tuned, optimizer, jax.random.PRNGKey(0))

@@ -62,8 +62,10 @@ def restore_params(folder: str, abstract_params: Any, dtype: Any = None) -> Any:
         ]
         if problems:
             raise ValueError(f"{path} does not fit the model: " + "; ".join(sorted(problems)))
+        # Each process reads the whole model onto one of its own devices (any number of processes).
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = traverse_util.unflatten_dict(
-            {k: jax.ShapeDtypeStruct(v.shape, dtype or stored[k].dtype) for k, v in expected.items()}
+            {k: jax.ShapeDtypeStruct(v.shape, dtype or stored[k].dtype, sharding=local) for k, v in expected.items()}
         )
         params = checkpointer.restore(path, target)
     return jax.tree.map(np.asarray, params)
@@ -103,7 +105,8 @@ class TrainCheckpoints:
         self.directory = os.path.abspath(directory)
         self.strict = strict
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=ocp.StandardCheckpointHandler())
         self._writing: int | None = None  # the step being written in the background
 
     def latest_step(self) -> int | None:
@@ -130,13 +133,13 @@ class TrainCheckpoints:
         """(step, state) of the newest step that restores, shaped like ``like`` (None: as stored); (None, None) if none.
 
         Steps that fail are named in a warning (or, when strict, raise a JobError); ``like=None``
-        restores on the host.
+        restores on the host, whatever devices or processes wrote the step.
         """
-        args = ocp.args.StandardRestore(like)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 with _quiet_async_errors():
-                    state = self.manager.restore(step, args=args)
+                    state = self.manager.restore(step, args=ocp.args.StandardRestore(
+                        self._on_one_device(step) if like is None else like))
             except Exception as e:  # noqa: BLE001 - any failure to read a step means it is unusable
                 problem = f"checkpoint step {step} in {self.directory} is unreadable ({brief(e)})"
                 if self.strict:
@@ -147,6 +150,12 @@ class TrainCheckpoints:
         if self.manager.all_steps():
             raise JobError(f"no checkpoint in {self.directory} is readable")
         return None, None
+
+    def _on_one_device(self, step: int) -> Any:
+        """The stored tree's shapes and dtypes on one local device, whatever mesh wrote it."""
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=local),
+                            self.manager.item_metadata(step))
 
     def set_aside(self, newer_than: int | None) -> None:
         """Moves steps after ``newer_than`` (unreadable) to ``<directory>.unreadable/``, so training rewrites them."""

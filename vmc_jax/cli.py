@@ -5,6 +5,8 @@
     vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...] [--strict]
     vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--allow_untuned]   keyframes, tuned weights
     vmc-jax export --workdir W --out FILE.safetensors [--overwrite]               the tuned delta, PyTorch names
+    vmc-jax train ... --coordinator=HOST:PORT --num_processes=N --process_id=I   one of N processes
+    vmc-jax train ... --multihost                 on a TPU VM slice, where JAX finds the other hosts
 
 A user error prints one line ``vmc-jax: error: ...`` and exits with 2 (``--verbose`` adds the
 traceback); a run that diverges exits with 1.
@@ -31,13 +33,23 @@ _STRICT = flags.DEFINE_bool("strict", False, "Refuse an unreadable latest checkp
 _ALLOW_UNTUNED = flags.DEFINE_bool("allow_untuned", False, "`generate`: sample with the pretrained weights "
                                    "when the workdir has no checkpoint.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error, and all library logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-process job: HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process job: this process's index.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join the multi-process job JAX discovers (TPU VM slices).")
 
 COMMANDS = ("convert", "tiny-pipeline", "train", "generate", "export")
+_joined_job = False  # whether this process is one of a multi-process job
 USER_ERROR, RUN_FAILED = 2, 1
 
 
 def _fail(message: str, code: int = USER_ERROR) -> None:
     print(f"vmc-jax: error: {message}", file=sys.stderr)
+    if _joined_job:
+        # One process of a multi-process job: leave now rather than wait at JAX's shutdown barrier
+        # for peers that wait on this one; they stop when they miss it.
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -125,6 +137,12 @@ def main(argv: list[str]) -> None:
     try:
         if len(argv) < 2 or argv[1] not in COMMANDS:
             raise app.UsageError(f"usage: vmc-jax {{{','.join(COMMANDS)}}} ...; see `vmc-jax --help`")
+        if argv[1] == "train":
+            from vmc_jax import parallel
+
+            global _joined_job
+            _joined_job = parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                              auto=_MULTIHOST.value)
         _dispatch(argv[1], argv[2:])
     except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:
         if _VERBOSE.value:

@@ -83,6 +83,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "train.remat": _of_type(bool), "train.compute_dtype": _one_of(tuple(COMPUTE_DTYPES)),
     "train.checkpoint_every": _at_least(1), "train.log_every": _at_least(1),
     "train.non_finite": _one_of(NON_FINITE_POLICIES),
+    "mesh.clips": _of_type(int), "mesh.data": _of_type(int),
     "validation.prompts": _prompt_list, "validation.every": _at_least(0),
     "inversion.steps": _at_least(1), "inversion.method": _one_of(inversion.METHODS),
     "inversion.scheduler": _optional_path,

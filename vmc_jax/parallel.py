@@ -29,23 +29,23 @@ AXES = ("clips", "data")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False) -> None:
-    """Joins a multi-process job (`jax.distributed`); a no-op unless an address is given or `auto`.
+               process_id: int | None = None, auto: bool = False) -> bool:
+    """Joins a multi-process job (`jax.distributed`) if an address is given or `auto`; says whether it did.
 
-    `auto`: let JAX discover the job (TPU VM slices, SLURM, ...). On CPU devices the processes
-    exchange data through gloo, JAX's CPU collectives.
+    `auto`: let JAX discover the job (TPU VM slices, SLURM, ...).
     """
     explicit = (coordinator, num_processes, process_id)
     if not auto and all(value is None for value in explicit):
-        return
+        return False
     if not auto and any(value is None for value in explicit):
         raise ValueError("a multi-process job needs all of --coordinator, --num_processes and --process_id "
                          f"(got {coordinator!r}, {num_processes!r}, {process_id!r})")
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between the CPU devices of different processes go through gloo (TPU / GPU have their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+    return True
 
 
 def is_main_process() -> bool:
