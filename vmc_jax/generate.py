@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vmc_jax import checkpoints, data, files, inversion, job_config, prompts, sampling, schedulers, training, workdir
+from vmc_jax import checkpoints, data, inversion, job_config, prompts, sampling, schedulers, training, workdir
 from vmc_jax.errors import JobError
 from vmc_jax.loading import load_unet
 from vmc_jax.schedulers import Scheduler
