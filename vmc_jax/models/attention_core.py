@@ -148,7 +148,8 @@ def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale:
         (_, total, acc), _ = jax.lax.scan(step, init, (keys, values, starts))
         return acc / total[..., None]
 
-    out = jax.lax.map(one_query_block, blocks(query, query_block))  # (blocks, b, n, block, h)
+    # Checkpointed too, so the backward pass keeps only the inputs of each query block: O(n) memory.
+    out = jax.lax.map(jax.checkpoint(one_query_block), blocks(query, query_block))  # (blocks, b, n, block, h)
     out = out.transpose(1, 0, 3, 2, 4).reshape(batch, -1, heads, value.shape[-1])
     return out[:, :q_len].astype(value.dtype)
 
