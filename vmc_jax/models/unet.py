@@ -30,7 +30,7 @@ def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: in
     """
     if kind.attention == "transformer":
         spatial = (head_setting, out_channels // head_setting)
-        if config.family == "modelscope":  # diffusers' 3D blocks pass the setting as the head size
+        if config.transformer_head_size_from_config:
             spatial = spatial[::-1]
         temporal = spatial
     else:
@@ -62,7 +62,7 @@ def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: in
         only_cross_attention=bool(only_cross),
         cross_attention_norm=config.cross_attention_norm,
         downsample_padding=config.downsample_padding,
-        temporal_conv_groups=config.norm_num_groups if config.family == "modelscope" else 32,
+        temporal_conv_groups=config.temporal_conv_groups,
         attention_impl=attention_impl,
     )
 
@@ -110,7 +110,7 @@ class UNet(nn.Module):
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         x = conv2d(c.block_out_channels[0], c.conv_in_kernel, self.dtype, "conv_in")(sample.astype(self.dtype))
-        if c.family == "modelscope":
+        if c.transformer_in:
             x = TemporalTransformer(8, c.attention_head_dim[0], c.norm_num_groups,
                                     attention_impl=self.attention_impl, dtype=self.dtype, name="transformer_in")(x)
         skips = [x]
@@ -144,7 +144,7 @@ class UNet(nn.Module):
 
         if c.norm_num_groups is not None:
             x = GroupNorm(c.norm_num_groups, c.norm_eps, per_frame=True, dtype=self.dtype, name="conv_norm_out")(x)
-            x = activation("silu" if c.family == "modelscope" else c.act_fn)(x)
+            x = activation(c.output_act_fn)(x)
         out = conv2d(c.out_channels, c.conv_out_kernel, self.dtype, "conv_out")(x)
         return out if c.is_video else out[:, 0]
 
