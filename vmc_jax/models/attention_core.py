@@ -115,11 +115,11 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
 def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
                       query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> jax.Array:
     """Online-softmax attention over key blocks, one query block at a time: O(n) memory."""
-    batch, q_len, heads, head_dim = query.shape
+    batch, q_len, heads, _ = query.shape
     k_len = key.shape[1]
     query_block, key_block = min(query_block, q_len), min(key_block, k_len)
-    # (blocks, batch, heads, block, head_dim)
-    def blocks(x, size):
+
+    def blocks(x, size):  # (batch, seq, heads, d) -> (blocks, batch, heads, size, d), zero-padded
         x = _pad_to(x, 1, size)
         return x.reshape(batch, -1, size, heads, x.shape[-1]).transpose(1, 0, 3, 2, 4)
 
@@ -164,6 +164,8 @@ def _pallas_tpu_attention(query, key, value, scale, bias):
     def heads_first(x):
         return x.transpose(0, 2, 1, 3)
 
+    if bias is not None:  # the kernel takes the full (batch, heads, q, k) bias
+        bias = jnp.broadcast_to(bias, (query.shape[0], query.shape[2], query.shape[1], key.shape[1]))
     out = flash_attention.flash_attention(heads_first(query), heads_first(key), heads_first(value),
                                           ab=bias, sm_scale=scale)
     return heads_first(out)
