@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.layers import GroupNorm, dot_product_attention, layer_norm
+from vmc_jax.models.attention_core import dot_product_attention
+from vmc_jax.models.layers import Dtype, GroupNorm, layer_norm
 
-Dtype = Any
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, implementation: str = "auto",
+           over_frames: bool = False) -> jax.Array:
+    """Scaled softmax attention of tokens ``(..., T, heads*d)`` over axis -2, or with
+    ``over_frames`` of ``(b, frames, pixels, heads*d)`` over the frames at each pixel.
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Scaled softmax attention, (..., Tq, heads*d) x (..., Tk, heads*d) -> (..., Tq, heads*d)."""
-    lead = q.shape[:-2]
+    Over frames, the pixels ride along as extra heads, so the temporal layers need no transposes.
+    """
+    if over_frames:
+        def split(x):
+            return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1] // heads)
+    else:
+        def split(x):
+            return x.reshape(-1, x.shape[-2], heads, x.shape[-1] // heads)
 
-    def split(x):
-        return x.reshape(-1, x.shape[-2], heads, x.shape[-1] // heads)
-
-    out = dot_product_attention(split(q), split(k), split(v), scale=(q.shape[-1] // heads) ** -0.5)
-    return out.reshape(*lead, q.shape[-2], -1)
+    out = dot_product_attention(split(q), split(k), split(v), scale=(q.shape[-1] // heads) ** -0.5,
+                                implementation=implementation)
+    return out.reshape(q.shape)
 
 
 class Attention(nn.Module):
@@ -30,6 +35,8 @@ class Attention(nn.Module):
     heads: int
     dim_head: int
     bias: bool = False
+    attention_impl: str = "auto"
+    over_frames: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -39,7 +46,7 @@ class Attention(nn.Module):
         q = nn.Dense(inner, use_bias=self.bias, dtype=self.dtype, name="to_q")(x)
         k = nn.Dense(inner, use_bias=self.bias, dtype=self.dtype, name="to_k")(context)
         v = nn.Dense(inner, use_bias=self.bias, dtype=self.dtype, name="to_v")(context)
-        out = attend(q, k, v, self.heads)
+        out = attend(q, k, v, self.heads, self.attention_impl, self.over_frames)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -55,6 +62,7 @@ class AddedKVAttention(nn.Module):
     norm_num_groups: int
     only_cross_attention: bool = False
     cross_attention_norm: str | None = None
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -80,7 +88,7 @@ class AddedKVAttention(nn.Module):
         if not self.only_cross_attention:
             k = jnp.concatenate([k, nn.Dense(inner, dtype=self.dtype, name="to_k")(tokens)], axis=2)
             v = jnp.concatenate([v, nn.Dense(inner, dtype=self.dtype, name="to_v")(tokens)], axis=2)
-        out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(attend(q, k, v, self.heads))
+        out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(attend(q, k, v, self.heads, self.attention_impl))
         return out.reshape(x.shape) + x
 
 
@@ -124,12 +132,15 @@ class BasicTransformerBlock(nn.Module):
     double_self_attention: bool = False
     only_cross_attention: bool = False
     activation_fn: str = "geglu"
+    attention_impl: str = "auto"
+    over_frames: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         def attention(name, y, ctx):
-            return Attention(self.heads, self.dim_head, dtype=self.dtype, name=name)(y, ctx)
+            return Attention(self.heads, self.dim_head, attention_impl=self.attention_impl,
+                             over_frames=self.over_frames, dtype=self.dtype, name=name)(y, ctx)
 
         x = attention("attn1", layer_norm(dtype=self.dtype, name="norm1")(x),
                       context if self.only_cross_attention else None) + x
@@ -149,6 +160,7 @@ class SpatialTransformer(nn.Module):
     num_layers: int = 1
     use_linear_projection: bool = False
     only_cross_attention: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -164,7 +176,7 @@ class SpatialTransformer(nn.Module):
         for i in range(self.num_layers):
             y = BasicTransformerBlock(
                 self.heads, self.dim_head, only_cross_attention=self.only_cross_attention,
-                dtype=self.dtype, name=f"transformer_blocks_{i}",
+                attention_impl=self.attention_impl, dtype=self.dtype, name=f"transformer_blocks_{i}",
             )(y, context)
         if self.use_linear_projection:
             y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(x.shape)
@@ -178,24 +190,24 @@ class TemporalTransformer(nn.Module):
 
     The group-norm pools its statistics over all frames; both attentions of each block attend
     over frames (``double_self_attention``), with no positional encoding, as in the reference.
+    The tokens stay in the video layout ``(b, f, h*w, c)`` (no transposes; measured faster).
     """
 
     heads: int
     dim_head: int
     norm_num_groups: int = 32
     num_layers: int = 1
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, f, h, w, c = x.shape
         y = GroupNorm(self.norm_num_groups, 1e-6, dtype=self.dtype, name="norm")(x)
-        y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, f, c)
-        y = nn.Dense(self.heads * self.dim_head, dtype=self.dtype, name="proj_in")(y)
+        y = nn.Dense(self.heads * self.dim_head, dtype=self.dtype, name="proj_in")(y.reshape(b, f, h * w, c))
         for i in range(self.num_layers):
             y = BasicTransformerBlock(
-                self.heads, self.dim_head, double_self_attention=True, dtype=self.dtype,
-                name=f"transformer_blocks_{i}",
+                self.heads, self.dim_head, double_self_attention=True, attention_impl=self.attention_impl,
+                over_frames=True, dtype=self.dtype, name=f"transformer_blocks_{i}",
             )(y)
-        y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y)
-        return y.reshape(b, h, w, f, c).transpose(0, 3, 1, 2, 4) + x
+        return nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(x.shape) + x

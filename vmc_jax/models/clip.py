@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.layers import dot_product_attention, layer_norm
+from vmc_jax.models.attention_core import dot_product_attention
+from vmc_jax.models.layers import Dtype, layer_norm
 from vmc_jax.models.t5 import hf_activation
 
 _PREFIX = "text_model."
@@ -51,7 +52,7 @@ class CLIPAttention(nn.Module):
     """Causal multi-head self-attention with biased projections, scores scaled by head_dim ** -0.5."""
 
     config: CLIPTextEncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -74,7 +75,7 @@ class CLIPMLP(nn.Module):
     """``fc2(act(fc1 x))`` with the config's ``hidden_act``."""
 
     config: CLIPTextEncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,7 +89,7 @@ class CLIPEncoderLayer(nn.Module):
     """Pre-LN transformer layer (``encoder.layers.i``)."""
 
     config: CLIPTextEncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -106,7 +107,7 @@ class CLIPTextEmbeddings(nn.Module):
     """Token plus learned absolute position embeddings (``embeddings.*``)."""
 
     config: CLIPTextEncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
@@ -126,7 +127,7 @@ class CLIPEncoder(nn.Module):
     """The stack of layers (``encoder.layers``)."""
 
     config: CLIPTextEncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -140,7 +141,7 @@ class CLIPTextTransformer(nn.Module):
     """Embeddings, layers and the final layer norm (``text_model.*``)."""
 
     config: CLIPTextEncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -154,7 +155,7 @@ class CLIPTextEncoder(nn.Module):
     """transformers' ``CLIPTextModel``: ``apply(params, input_ids, attention_mask=None)`` -> last hidden state."""
 
     config: CLIPTextEncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -170,7 +171,7 @@ class CLIPTextEncoder(nn.Module):
         return (jnp.zeros((1, 1), jnp.int32),)
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], dtype: Any = jnp.float32) -> "CLIPTextEncoder":
+    def from_hf_config(cls, config: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "CLIPTextEncoder":
         """The text model described by a transformers ``clip_text_model`` ``config.json`` dict."""
         return cls(CLIPTextEncoderConfig.from_hf(config), dtype=dtype)
 

@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from vmc_jax.models.attention_core import dot_product_attention
+
+Dtype = Any  # a compute dtype: a jnp dtype, a numpy dtype or its name (what flax modules take)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -59,35 +61,6 @@ class GroupNorm(nn.Module):
 def layer_norm(epsilon: float = 1e-5, dtype: Dtype = jnp.float32, name: str | None = None, **kw) -> nn.LayerNorm:
     """PyTorch-equivalent LayerNorm (two-pass variance, float32 statistics)."""
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name, **kw)
-
-
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    scale: float,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    causal: bool = False,
-) -> jax.Array:
-    """The attention core of every model: (batch, seq, heads, head_dim) in and out.
-
-    Scores accumulate in float32 and the softmax runs in float32 whatever the input dtype (as the
-    references do, and unlike ``jax.nn.dot_product_attention`` this also runs fp16 on the CPU).
-    ``bias`` is added to the scaled scores; keys where ``mask`` is False, and later keys when
-    ``causal``, get the float32 minimum as their score.
-    """
-    logits = jnp.einsum("bqnh,bknh->bnqk", query, key, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        logits = logits + bias
-    if causal:
-        not_later = jnp.tril(jnp.ones(logits.shape[-2:], bool))
-        mask = not_later if mask is None else mask & not_later
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", weights, value)
 
 
 def timestep_embedding(

@@ -6,15 +6,11 @@ each frame on its own, so image models run them with one frame.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.layers import GroupNorm, activation
-
-Dtype = Any
+from vmc_jax.models.layers import Dtype, GroupNorm, activation
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmc_jax.models.layers import dot_product_attention
+from vmc_jax.models.attention_core import dot_product_attention
+from vmc_jax.models.layers import Dtype
 
 # transformers' activation names (``ACT2FN`` keys) used by T5 and CLIP text configs.
 HF_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -102,7 +103,7 @@ class T5Attention(nn.Module):
 
     config: T5EncoderConfig
     has_relative_attention_bias: bool
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -137,7 +138,7 @@ class T5FeedForward(nn.Module):
     """T5's feed-forward: ``wo(act(wi x))`` or, gated, ``wo(act(wi_0 x) * wi_1 x)``; ``wo`` in float32."""
 
     config: T5EncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -157,7 +158,7 @@ class T5LayerSelfAttention(nn.Module):
 
     config: T5EncoderConfig
     has_relative_attention_bias: bool
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -176,7 +177,7 @@ class T5LayerFF(nn.Module):
     """Pre-norm feed-forward sublayer with its residual (``block.i.layer.1``)."""
 
     config: T5EncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,7 +191,7 @@ class T5Block(nn.Module):
 
     config: T5EncoderConfig
     has_relative_attention_bias: bool
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -207,7 +208,7 @@ class T5Stack(nn.Module):
     """The encoder blocks and the final norm (``encoder.*``); the relative bias lives in block 0 only."""
 
     config: T5EncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -223,7 +224,7 @@ class T5Encoder(nn.Module):
     """transformers' ``T5EncoderModel``: ``apply(params, input_ids, attention_mask)`` -> last hidden state."""
 
     config: T5EncoderConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     # The checkpoint's ``encoder.embed_tokens.weight`` is the same tensor as ``shared.weight``
     # (alias -> target); the Flax tree keeps only the target.
@@ -246,7 +247,7 @@ class T5Encoder(nn.Module):
         return (jnp.zeros((1, 1), jnp.int32),)
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], dtype: Any = jnp.float32) -> "T5Encoder":
+    def from_hf_config(cls, config: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "T5Encoder":
         """The encoder described by a transformers T5 ``config.json`` dict."""
         return cls(T5EncoderConfig.from_hf(config), dtype=dtype)
 

@@ -9,21 +9,19 @@ and shared by its frames; the 2D layers run on every frame, the temporal layers 
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vmc_jax.models.attention import TemporalTransformer
-from vmc_jax.models.layers import GroupNorm, TextTimeEmbedding, TimestepEmbedding, activation, timestep_embedding
+from vmc_jax.models.layers import Dtype, GroupNorm, TextTimeEmbedding, TimestepEmbedding, activation, timestep_embedding
 from vmc_jax.models.resnet import conv2d
 from vmc_jax.models.unet_blocks import BLOCK_KINDS, BlockKind, BlockOptions, DownBlock, MidBlock, UpBlock
 from vmc_jax.models.unet_config import UNetConfig
 
 
 def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: int, num_layers: int,
-                   head_setting: int, mid: bool = False) -> BlockOptions:
+                   head_setting: int, attention_impl: str, mid: bool = False) -> BlockOptions:
     """The options of block ``i``; ``head_setting`` is its ``attention_head_dim`` config entry.
 
     Show-1 and IF transformer blocks use it as their head count, ModelScope's as their head size;
@@ -32,7 +30,7 @@ def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: in
     """
     if kind.attention == "transformer":
         spatial = (head_setting, out_channels // head_setting)
-        if config.family == "modelscope":  # diffusers' 3D blocks pass the setting as the head size
+        if config.transformer_head_size_from_config:
             spatial = spatial[::-1]
         temporal = spatial
     else:
@@ -64,7 +62,8 @@ def _block_options(config: UNetConfig, kind: BlockKind, i: int, out_channels: in
         only_cross_attention=bool(only_cross),
         cross_attention_norm=config.cross_attention_norm,
         downsample_padding=config.downsample_padding,
-        temporal_conv_groups=config.norm_num_groups if config.family == "modelscope" else 32,
+        temporal_conv_groups=config.temporal_conv_groups,
+        attention_impl=attention_impl,
     )
 
 
@@ -75,11 +74,13 @@ class UNet(nn.Module):
       config: the validated ``config.json``.
       dtype: compute dtype (parameters keep their own dtype and are cast where used).
       remat: recompute each block in the backward pass (``jax.checkpoint``) to save memory.
+      attention_impl: the attention core, one of ``attention_core.IMPLEMENTATIONS``.
     """
 
     config: UNetConfig
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
     remat: bool = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -109,23 +110,24 @@ class UNet(nn.Module):
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         x = conv2d(c.block_out_channels[0], c.conv_in_kernel, self.dtype, "conv_in")(sample.astype(self.dtype))
-        if c.family == "modelscope":
-            x = TemporalTransformer(8, c.attention_head_dim[0], c.norm_num_groups, dtype=self.dtype,
-                                    name="transformer_in")(x)
+        if c.transformer_in:
+            x = TemporalTransformer(8, c.attention_head_dim[0], c.norm_num_groups,
+                                    attention_impl=self.attention_impl, dtype=self.dtype, name="transformer_in")(x)
         skips = [x]
         wrap = nn.remat if self.remat else (lambda m: m)
         deterministic = not train
         for i, name in enumerate(c.down_block_types):
             kind = BLOCK_KINDS[name]
             options = _block_options(c, kind, i, c.block_out_channels[i], c.layers_per_block[i],
-                                     c.attention_head_dim[i])
+                                     c.attention_head_dim[i], self.attention_impl)
             x, block_skips = wrap(DownBlock)(kind, options, i < c.num_downsamplers, deterministic, self.dtype,
                                              name=f"down_blocks_{i}")(x, emb, context)
             skips += block_skips
 
         if c.mid_block_type is not None:
             kind = BLOCK_KINDS[c.mid_block_type]
-            options = _block_options(c, kind, -1, c.block_out_channels[-1], 1, c.attention_head_dim[-1], mid=True)
+            options = _block_options(c, kind, -1, c.block_out_channels[-1], 1, c.attention_head_dim[-1],
+                                     self.attention_impl, mid=True)
             x = wrap(MidBlock)(kind, options, False, deterministic, self.dtype, name="mid_block")(x, emb, context)
 
         reversed_channels = c.block_out_channels[::-1]
@@ -135,14 +137,14 @@ class UNet(nn.Module):
             mirror = len(reversed_channels) - 1 - i
             # Show-1 gives SimpleCrossAttn up block i the head size of down block i, not of its mirror.
             heads = c.attention_head_dim[i if kind.attention == "added_kv" else mirror]
-            options = _block_options(c, kind, mirror, reversed_channels[i], num_layers, heads)
+            options = _block_options(c, kind, mirror, reversed_channels[i], num_layers, heads, self.attention_impl)
             block_skips, skips = tuple(skips[-num_layers:]), skips[:-num_layers]
             x = wrap(UpBlock)(kind, options, i < c.num_downsamplers, deterministic, self.dtype,
                               name=f"up_blocks_{i}")(x, emb, context, block_skips)
 
         if c.norm_num_groups is not None:
             x = GroupNorm(c.norm_num_groups, c.norm_eps, per_frame=True, dtype=self.dtype, name="conv_norm_out")(x)
-            x = activation("silu" if c.family == "modelscope" else c.act_fn)(x)
+            x = activation(c.output_act_fn)(x)
         out = conv2d(c.out_channels, c.conv_out_kernel, self.dtype, "conv_out")(x)
         return out if c.is_video else out[:, 0]
 

@@ -8,13 +8,12 @@ A block is a stack of layers, each ``resnet [-> temporal conv] [-> spatial atten
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vmc_jax.models.attention import AddedKVAttention, SpatialTransformer, TemporalTransformer
+from vmc_jax.models.layers import Dtype
 from vmc_jax.models.resnet import Downsample2D, ResnetBlock2D, TemporalConvLayer, Upsample2D
 
 
@@ -72,6 +71,7 @@ class BlockOptions:
     downsample_padding: int = 1
     temporal_conv_groups: int = 32
     temporal_dropout: float = 0.1
+    attention_impl: str = "auto"
 
 
 class _Block(nn.Module):
@@ -81,7 +81,7 @@ class _Block(nn.Module):
     options: BlockOptions
     resample: bool = False
     deterministic: bool = True
-    dtype: Any = jnp.float32
+    dtype: Dtype = jnp.float32
 
     def resnet(self, i: int, x: jax.Array, temb: jax.Array, **resample) -> jax.Array:
         o = self.options
@@ -100,15 +100,16 @@ class _Block(nn.Module):
         if self.kind.attention == "transformer":
             x = SpatialTransformer(
                 o.spatial_heads, o.spatial_head_dim, o.groups, o.transformer_layers, o.use_linear_projection,
-                o.only_cross_attention, dtype=self.dtype, name=f"attentions_{i}",
+                o.only_cross_attention, o.attention_impl, dtype=self.dtype, name=f"attentions_{i}",
             )(x, context)
         elif self.kind.attention == "added_kv":
             x = AddedKVAttention(
                 o.spatial_heads, o.spatial_head_dim, o.groups, o.only_cross_attention, o.cross_attention_norm,
-                dtype=self.dtype, name=f"attentions_{i}",
+                o.attention_impl, dtype=self.dtype, name=f"attentions_{i}",
             )(x, context)
         if self.kind.temporal and self.kind.attention:
-            x = TemporalTransformer(o.temporal_heads, o.temporal_head_dim, o.groups, dtype=self.dtype,
+            x = TemporalTransformer(o.temporal_heads, o.temporal_head_dim, o.groups,
+                                    attention_impl=o.attention_impl, dtype=self.dtype,
                                     name=f"temp_attentions_{i}")(x)
         return x
 

@@ -80,19 +80,73 @@ _PER_BLOCK = ("only_cross_attention", "layers_per_block", "cross_attention_dim",
               "attention_head_dim", "num_attention_heads")
 
 
+PerBlock = tuple  # one entry per down block (a single config value is repeated)
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """A validated UNet config; per-block settings are expanded to one value per down block."""
+    """A validated UNet ``config.json``; defaults are Show-1's, per-block settings one per down block.
 
-    class_name: str
-    family: str  # "show1", "modelscope" (diffusers UNet3DConditionModel) or "unet2d"
-    values: tuple[tuple[str, Any], ...]
+    The fields mirror the diffusers config keys; the last four are the family differences,
+    resolved once in ``from_dict`` so that the modules need no ``family == ...`` branches.
+    """
 
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return dict(object.__getattribute__(self, "values"))[key]
-        except KeyError:
-            raise AttributeError(key) from None
+    class_name: str = "UNet3DConditionModel"
+    family: str = "show1"  # "show1", "modelscope" (diffusers UNet3DConditionModel) or "unet2d"
+    sample_size: int | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False  # maps the input from [0, 1] to [-1, 1] first
+    flip_sin_to_cos: bool = True  # timestep embedding order: cos then sin
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = _SHOW1_DEFAULTS["down_block_types"]
+    mid_block_type: str | None = "UNetMidBlock3DCrossAttn"
+    up_block_types: tuple[str, ...] = _SHOW1_DEFAULTS["up_block_types"]
+    only_cross_attention: PerBlock = (False,) * 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: PerBlock = (2,) * 4
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int | None = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: PerBlock = (1280,) * 4
+    transformer_layers_per_block: PerBlock = (1,) * 4
+    encoder_hid_dim: int | None = None  # text states are projected from this width when set
+    encoder_hid_dim_type: str | None = None
+    attention_head_dim: PerBlock = (8,) * 4  # head count or head size: see transformer_head_size_from_config
+    num_attention_heads: PerBlock = (None,) * 4
+    dual_cross_attention: bool = False
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False  # no effect: the softmax always runs in float32
+    resnet_time_scale_shift: str = "default"
+    resnet_skip_time_act: bool = False
+    resnet_out_scale_factor: float = 1.0
+    time_embedding_type: str = "positional"
+    time_embedding_dim: int | None = None
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = None
+    time_cond_proj_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    projection_class_embeddings_input_dim: int | None = None
+    class_embeddings_concat: bool = False
+    mid_block_only_cross_attention: bool = False
+    cross_attention_norm: str | None = None
+    addition_embed_type_num_heads: int = 64
+    transfromer_in_opt: bool = False
+    dropout: float = 0.0
+    reverse_transformer_layers_per_block: tuple | None = None
+    attention_type: str = "default"
+    # Family differences, resolved by from_dict:
+    transformer_head_size_from_config: bool = False  # ModelScope: attention_head_dim is the head size
+    temporal_conv_groups: int = 32  # ModelScope: norm_num_groups; Show-1 and IF: 32
+    transformer_in: bool = False  # ModelScope: a temporal transformer after conv_in
+    output_act_fn: str = "silu"  # before conv_out: ModelScope always SiLU, the others act_fn
 
     @property
     def is_video(self) -> bool:
@@ -151,4 +205,11 @@ class UNetConfig:
             else:
                 values[key] = (value,) * num_blocks
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(class_name, family, tuple(sorted(values.items())))
+        modelscope = family == "modelscope"
+        return cls(
+            class_name=class_name, family=family, **values,
+            transformer_head_size_from_config=modelscope,
+            temporal_conv_groups=values["norm_num_groups"] if modelscope else 32,
+            transformer_in=modelscope,
+            output_act_fn="silu" if modelscope else values["act_fn"],
+        )

@@ -15,10 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from vmc_jax.models.attention import attend
-from vmc_jax.models.layers import GroupNorm, activation
+from vmc_jax.models.layers import Dtype, GroupNorm, activation
 from vmc_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d
-
-Dtype = Any
 
 EPS = 1e-6  # every norm of the VAE (resnets, mid-block attention, output norms)
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance to this

@@ -1,0 +1,206 @@
+"""The attention core of every model, with one implementation chosen per backend and shape.
+
+``dot_product_attention`` takes ``(batch, seq, heads, head_dim)`` and returns the same layout.
+``implementation`` is one of:
+
+* ``"xla"``: the plain form; the score matrix is materialised (fastest for short sequences);
+* ``"blocked"``: memory-efficient attention, an online softmax over key blocks (``lax.scan``)
+  for one query block at a time (``lax.map``); O(n) memory, float32 accumulation, and each key
+  block is recomputed in the backward pass so gradients stay O(n) too;
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, fp16 / bf16);
+* ``"pallas_tpu"``: the Pallas flash-attention kernel of ``jax.experimental.pallas.ops.tpu``;
+* ``"auto"``: the kernel of the backend when it applies, else blocked for long sequences and
+  the plain form for short ones.
+
+A kernel that cannot run on the current backend or for these inputs falls back to what
+``"auto"`` would pick without it, with one log line per reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas_tpu")
+
+# From this many scores per (batch, head) on, "auto" uses blocked attention where no kernel
+# applies: on the CPU small blocks stay in cache and beat the plain form from a few hundred
+# tokens on, forward and backward (measured in benchmarks/README.md).
+BLOCKED_MIN_SCORES = 256 * 256
+QUERY_BLOCK = 128
+KEY_BLOCK = 256
+
+_log = logging.getLogger(__name__)
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(requested: str, chosen: str, reason: str) -> None:
+    """Logs one line per distinct fallback (cached so a traced model does not repeat it)."""
+    _log.warning("attention: %s unavailable (%s); using %s", requested, reason, chosen)
+
+
+def _kernel_unsupported(implementation: str, backend: str, q_len: int, k_len: int, head_dim: int,
+                        dtype: jnp.dtype, has_bias: bool, has_mask: bool) -> str | None:
+    """Why ``implementation`` (a kernel) cannot run here, or None when it can."""
+    if implementation == "cudnn":
+        if backend != "gpu":
+            return f"backend is {backend}, cuDNN needs a GPU"
+        if jnp.dtype(dtype) not in (jnp.float16, jnp.bfloat16):
+            return f"cuDNN attention needs float16 or bfloat16 inputs, got {jnp.dtype(dtype).name}"
+        if head_dim > 128 or head_dim % 8:
+            return f"cuDNN attention needs a head size that is a multiple of 8 up to 128, got {head_dim}"
+        if has_bias or has_mask:
+            return "cuDNN path here takes no bias or mask"
+        return None
+    if implementation == "pallas_tpu":
+        if backend != "tpu":
+            return f"backend is {backend}, the Pallas kernel needs a TPU"
+        if q_len % 128 or k_len % 128:
+            return f"the Pallas kernel needs sequence lengths that are multiples of 128, got {q_len} and {k_len}"
+        if has_mask:
+            return "the Pallas path here takes no mask"
+        return None
+    if implementation == "blocked" and (has_bias or has_mask):
+        return "blocked attention takes no bias or mask"
+    return None
+
+
+def resolve_implementation(requested: str, *, backend: str, q_len: int, k_len: int, head_dim: int,
+                           dtype: jnp.dtype = jnp.float32, has_bias: bool = False,
+                           has_mask: bool = False) -> str:
+    """The implementation that runs for ``requested`` on ``backend`` with these inputs."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {requested!r} is not one of {IMPLEMENTATIONS}")
+    args = (backend, q_len, k_len, head_dim, dtype, has_bias, has_mask)
+    portable = "blocked" if q_len * k_len >= BLOCKED_MIN_SCORES else "xla"
+    if _kernel_unsupported("blocked", *args):
+        portable = "xla"
+    if requested == "auto":
+        kernel = {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(backend)
+        return kernel if kernel and not _kernel_unsupported(kernel, *args) else portable
+    reason = _kernel_unsupported(requested, *args)
+    if reason is None:
+        return requested
+    fallback = "xla" if requested == "blocked" else portable
+    _log_fallback(requested, fallback, reason)
+    return fallback
+
+
+def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
+                    bias: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention with the whole score matrix; scores and softmax in float32.
+
+    The softmax is normalised after the value product (one pass less over the scores).
+    """
+    logits = jnp.einsum("bqnh,bknh->bnqk", query, key, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.einsum("bnqk,bknh->bqnh", weights.astype(value.dtype), value, preferred_element_type=jnp.float32)
+    total = weights.sum(-1).transpose(0, 2, 1)[..., None]
+    return (out / total).astype(value.dtype)
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    extra = -x.shape[axis] % multiple
+    return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)]) if extra else x
+
+
+def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
+                      query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> jax.Array:
+    """Online-softmax attention over key blocks, one query block at a time: O(n) memory."""
+    batch, q_len, heads, _ = query.shape
+    k_len = key.shape[1]
+    query_block, key_block = min(query_block, q_len), min(key_block, k_len)
+
+    def blocks(x, size):  # (batch, seq, heads, d) -> (blocks, batch, heads, size, d), zero-padded
+        x = _pad_to(x, 1, size)
+        return x.reshape(batch, -1, size, heads, x.shape[-1]).transpose(1, 0, 3, 2, 4)
+
+    keys, values = blocks(key, key_block), blocks(value, key_block)
+    starts = jnp.arange(keys.shape[0]) * key_block
+
+    def one_query_block(q):
+        q = q * jnp.asarray(scale, q.dtype)
+
+        @jax.checkpoint
+        def step(carry, block):
+            top, total, acc = carry
+            k, v, start = block
+            s = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
+            s = jnp.where(start + jnp.arange(key_block) < k_len, s, _MASKED)
+            new_top = jnp.maximum(top, s.max(-1))
+            p = jnp.exp(s - new_top[..., None])
+            keep = jnp.exp(top - new_top)
+            acc = acc * keep[..., None] + jnp.einsum("bnqk,bnkh->bnqh", p.astype(v.dtype), v,
+                                                      preferred_element_type=jnp.float32)
+            return (new_top, total * keep + p.sum(-1), acc), None
+
+        shape = q.shape[:-1]
+        init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros((*shape, value.shape[-1]), jnp.float32))
+        (_, total, acc), _ = jax.lax.scan(step, init, (keys, values, starts))
+        return acc / total[..., None]
+
+    # Checkpointed too, so the backward pass keeps only the inputs of each query block: O(n) memory.
+    out = jax.lax.map(jax.checkpoint(one_query_block), blocks(query, query_block))  # (blocks, b, n, block, h)
+    out = out.transpose(1, 0, 3, 2, 4).reshape(batch, -1, heads, value.shape[-1])
+    return out[:, :q_len].astype(value.dtype)
+
+
+def _cudnn_attention(query, key, value, scale):
+    return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation="cudnn")
+
+
+def _pallas_tpu_attention(query, key, value, scale, bias):
+    from jax.experimental.pallas.ops.tpu import flash_attention  # imports Mosaic: only on TPU
+
+    def heads_first(x):
+        return x.transpose(0, 2, 1, 3)
+
+    if bias is not None:  # the kernel takes the full (batch, heads, q, k) bias
+        bias = jnp.broadcast_to(bias, (query.shape[0], query.shape[2], query.shape[1], key.shape[1]))
+    out = flash_attention.flash_attention(heads_first(query), heads_first(key), heads_first(value),
+                                          ab=bias, sm_scale=scale)
+    return heads_first(out)
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Scaled softmax attention, (batch, seq, heads, head_dim) in and out; float32 softmax.
+
+    ``bias`` (broadcastable to (batch, heads, q, k)) is added to the scaled scores; keys where
+    ``mask`` is False, and later keys when ``causal``, get the float32 minimum as their score.
+    """
+    if query.ndim != 4 or key.shape != value.shape[:-1] + key.shape[-1:] or query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"attention takes (batch, seq, heads, head_dim) query / key / value, got "
+                         f"{query.shape}, {key.shape}, {value.shape}")
+    if causal:
+        not_later = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
+        mask = not_later if mask is None else mask & not_later
+    chosen = resolve_implementation(
+        implementation, backend=jax.default_backend(), q_len=query.shape[1], k_len=key.shape[1],
+        head_dim=query.shape[-1], dtype=query.dtype, has_bias=bias is not None, has_mask=mask is not None)
+    if chosen == "blocked":
+        return blocked_attention(query, key, value, scale)
+    if chosen == "cudnn":
+        return _cudnn_attention(query, key, value, scale)
+    if chosen == "pallas_tpu":
+        return _pallas_tpu_attention(query, key, value, scale, bias)
+    return plain_attention(query, key, value, scale, bias, mask)
+
