@@ -163,10 +163,8 @@ def _inside_disc(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
 
 
 def _inside_triangle(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
-    """An equilateral triangle pointing up, circumradius r, centred on its centroid."""
-    base = dy <= r / 2  # y grows downwards: the base is below the centre
-    slope = np.sqrt(3.0)
-    return base & (slope * dx - dy <= r) & (-slope * dx - dy <= r)
+    """An isosceles triangle pointing up, apex (0, -r), base from (-r, r/2) to (r, r/2): centroid (0, 0)."""
+    return (dy <= r / 2) & (1.5 * np.abs(dx) - dy <= r)
 
 
 _INSIDE = {"square": _inside_square, "disc": _inside_disc, "triangle": _inside_triangle}
