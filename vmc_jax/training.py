@@ -17,6 +17,8 @@ from vmc_jax.schedulers import Scheduler
 
 # Every to_q / to_k / to_v of both attentions of every temporal transformer (the set VMC tunes).
 TEMPORAL_ATTENTION_QKV = r"(^|/)temp_attentions_\d+/transformer_blocks_\d+/attn[12]/to_[qkv]/(kernel|bias)$"
+# Every parameter (pretraining, and the ablation that tunes the whole UNet).
+EVERY_PARAMETER = r"^"
 
 
 def split_params(params: Any, pattern: str = TEMPORAL_ATTENTION_QKV) -> tuple[dict, dict]:
@@ -40,6 +42,9 @@ def merge_params(tuned: Any, frozen: Any) -> dict:
 
 
 LOSS_KINDS = ("paper", "official", "l2")
+# What the train step takes: the motion-distillation losses, and "epsilon", the plain denoising loss
+# (pretraining, and the ablation that tunes VMC's subset with it).
+TRAIN_LOSS_KINDS = (*LOSS_KINDS, "epsilon")
 
 
 def _cosine(a: jax.Array, b: jax.Array, axis: int, eps: float = 1e-8) -> jax.Array:
@@ -68,6 +73,16 @@ def motion_distillation_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str
     if kind == "l2":
         return jnp.mean(jnp.square(pred - true))
     raise ValueError(f"unknown motion distillation loss {kind!r}; expected one of {LOSS_KINDS}")
+
+
+def diffusion_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str) -> jax.Array:
+    """The train step's loss: "epsilon" is the mean squared error of the predicted noise, any other
+    ``kind`` a :func:`motion_distillation_loss`."""
+    if kind != "epsilon":
+        return motion_distillation_loss(eps_pred, eps_true, kind)
+    if eps_pred.shape != eps_true.shape:
+        raise ValueError(f"eps_pred {eps_pred.shape} and eps_true {eps_true.shape} differ in shape")
+    return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - eps_true.astype(jnp.float32)))
 
 
 def lr_schedule(lr: float, schedule: str, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
@@ -115,15 +130,15 @@ class TrainState:
 
 def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.GradientTransformation,
                     loss_kind: str = "paper") -> Callable:
-    """A jitted ``(state, frozen, clips, text) -> (state, metrics)`` VMC update.
+    """A jitted ``(state, frozen, clips, text) -> (state, metrics)`` update with a :func:`diffusion_loss`.
 
     ``clips`` ``(b, f, h, w, c)`` in [-1, 1]; ``text`` ``(b or 1, L, d)``. Per clip a timestep
     t ~ U{0..T-1} and noise ~ N(0, I) give x_t; the model runs in train mode (temporal-conv
     dropout); the loss compares the first ``c`` output channels with the noise. The state is
     donated, so its buffers are updated in place.
     """
-    if loss_kind not in LOSS_KINDS:
-        raise ValueError(f"unknown motion distillation loss {loss_kind!r}; expected one of {LOSS_KINDS}")
+    if loss_kind not in TRAIN_LOSS_KINDS:
+        raise ValueError(f"unknown loss {loss_kind!r}; expected one of {TRAIN_LOSS_KINDS}")
     alphas = scheduler.alphas_cumprod
 
     def step(state: TrainState, frozen: Any, clips: jax.Array, text: jax.Array):
@@ -137,7 +152,7 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
         def loss_fn(tuned):
             out = model.apply({"params": merge_params(tuned, frozen)}, noisy, t, text, train=True,
                               rngs={"dropout": dropout_key})
-            return motion_distillation_loss(out[..., :channels], noise, loss_kind)
+            return diffusion_loss(out[..., :channels], noise, loss_kind)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.tuned)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.tuned)
