@@ -79,7 +79,7 @@ def test_a_blank_clip_finds_no_object_and_scores_the_worst_error():
     prompt = world.prompt_for("red", "disc", "sea")
     blank = np.broadcast_to(np.array(world.BACKGROUNDS["sea"][0], np.float32), (FRAMES, HEIGHT, WIDTH, 3))
     metrics, _, _ = evaluation.compare(render("red", "disc", "sea"), prompt, blank, prompt)
-    assert metrics["found_fraction"] == 0 and not metrics["appearance_ok"]
+    assert metrics["found_fraction"] == 0 and not metrics["appearance_ok"] and metrics["fill_ratio"] is None
     assert metrics["motion_error_px"] == pytest.approx(np.hypot(HEIGHT, WIDTH))
 
 
@@ -113,3 +113,15 @@ def test_evaluate_files_reads_videos(tmp_path):
 def test_model_range_frames_are_refused():
     with pytest.raises(ValueError, match=r"float frames must be in \[0, 1\]"):
         evaluation.read_clip(np.full((2, 8, 8, 3), -1.0, np.float32))
+
+
+def test_samples_are_judged_by_appearance_and_steadiness():
+    prompts = [world.prompt_for("red", "square", "snow"), world.prompt_for("pink", "disc", "sea")]
+    steady = render()
+    jumpy = render("red", "disc", "sea", centres=PATH[[0, 7, 1, 6, 2, 5, 3, 4]])
+    result = evaluation.evaluate_samples([steady, jumpy], prompts)
+    first, second = result["clips"]
+    assert first["appearance_ok"] and first["track_jerk_px"] < 0.25  # constant velocity: pixel-grid bias only
+    assert not second["colour_ok"] and second["shape_ok"] and second["background_ok"]
+    assert second["track_jerk_px"] > 10
+    assert result["summary"]["appearance_ok"] == 0.5 and result["summary"]["motion_error_px"] is None

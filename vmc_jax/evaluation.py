@@ -161,37 +161,52 @@ def track_jerk(reading: ClipReading) -> float:
     return float(np.nanmean(sizes)) if np.isfinite(sizes).any() else float("nan")
 
 
+def appearance(reading: ClipReading, target_prompt: str) -> dict[str, Any]:
+    """What a clip shows against what ``target_prompt`` asks for, and how steadily its object moves."""
+    colour, shape, background = world.parse_prompt(target_prompt)
+    metrics = {
+        "target_prompt": target_prompt,
+        "found_fraction": float(reading.found.mean()),
+        "track_jerk_px": _finite_or_none(track_jerk(reading)),
+        "colour": reading.colour, "shape": reading.shape, "background": reading.background,
+        "fill_ratio": _finite_or_none(reading.shape_descriptor[0]),
+        "vertical_skew": _finite_or_none(reading.shape_descriptor[1]),
+        "colour_ok": reading.colour == colour,
+        "shape_ok": reading.shape == shape,
+        "background_ok": reading.background == background,
+    }
+    metrics["appearance_ok"] = metrics["colour_ok"] and metrics["shape_ok"] and metrics["background_ok"]
+    return metrics
+
+
 def compare(input_video: np.ndarray, input_prompt: str, generated_video: np.ndarray,
             target_prompt: str) -> tuple[dict[str, Any], ClipReading, ClipReading]:
     """Metrics of one generated clip against its input: (metrics, input reading, generated reading)."""
     source_colour, _, source_background = world.parse_prompt(input_prompt)
-    colour, shape, background = world.parse_prompt(target_prompt)
+    colour, _, background = world.parse_prompt(target_prompt)
     reference = read_clip(input_video, "input")
     generated = read_clip(generated_video, "generated")
     height, width = np.shape(generated_video)[1:3]
     metrics = {
         "input_prompt": input_prompt,
-        "target_prompt": target_prompt,
+        **appearance(generated, target_prompt),
         "motion_error_px": motion_error(reference, generated, float(np.hypot(height, width))),
-        "found_fraction": float(generated.found.mean()),
-        "track_jerk_px": track_jerk(generated),
-        "colour": generated.colour, "shape": generated.shape, "background": generated.background,
-        "fill_ratio": float(generated.shape_descriptor[0]), "vertical_skew": float(generated.shape_descriptor[1]),
-        "colour_ok": generated.colour == colour,
-        "shape_ok": generated.shape == shape,
-        "background_ok": generated.background == background,
         # leakage is only defined where the target asks for something other than the input shows
         "colour_leak": generated.colour == source_colour if colour != source_colour else None,
         "background_leak": generated.background == source_background if background != source_background else None,
     }
-    metrics["appearance_ok"] = metrics["colour_ok"] and metrics["shape_ok"] and metrics["background_ok"]
     return metrics, reference, generated
 
 
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: an undefined measurement (no object found) is written as null."""
+    return float(value) if np.isfinite(value) else None
+
+
 def summarise(per_clip: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """Means over clips: motion error, jerk, accuracy of each appearance part, leakage rates (None if undefined)."""
+    """Means over clips: motion error, jerk, accuracy of each appearance part, leakage rates (None if undefined or absent)."""
     def mean(key: str) -> float | None:
-        values = [float(m[key]) for m in per_clip if m[key] is not None and np.isfinite(float(m[key]))]
+        values = [float(m[key]) for m in per_clip if m.get(key) is not None]
         return float(np.mean(values)) if values else None
 
     keys = ("motion_error_px", "found_fraction", "track_jerk_px", "colour_ok", "shape_ok", "background_ok",
@@ -228,6 +243,16 @@ def evaluate_world_clips(inputs: Sequence[np.ndarray], input_prompts: Sequence[s
             f.write("\n")
         os.replace(path + ".tmp", path)
     return result
+
+
+def evaluate_samples(generated: Sequence[np.ndarray], target_prompts: Sequence[str]) -> dict[str, Any]:
+    """{"summary", "clips"} of clips sampled from noise for world prompts: appearance and track steadiness
+    (nothing to follow, so no motion error); how the pretrained model is judged."""
+    if len(generated) != len(target_prompts):
+        raise ValueError(f"{len(generated)} clips and {len(target_prompts)} prompts")
+    per_clip = [appearance(read_clip(video, f"sample {i}"), prompt)
+                for i, (video, prompt) in enumerate(zip(generated, target_prompts))]
+    return {"summary": summarise(per_clip), "clips": per_clip}
 
 
 def evaluate_files(input_path: str, input_prompt: str, samples: Mapping[str, str], out_dir: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import save_file
 
-from vmc_jax import checkpoints, prompts, schedulers, tiny_pipeline, training, world
+from vmc_jax import checkpoints, generate, prompts, schedulers, tiny_pipeline, training, world
 from vmc_jax.loading import load_unet, to_torch_state_dict
 
 PIPELINE = "pipeline"
@@ -51,13 +51,11 @@ def world_unet_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def ema_decay(decay: float, step: jax.Array) -> jax.Array:
-    """The EMA's decay at ``step``: ``decay``, warmed up as (1 + step) / (10 + step) so early weights fade fast."""
-    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-
-
 @jax.jit
-def _ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """The EMA of the weights after ``step``: its decay warms up as (1 + step) / (10 + step) to ``decay``,
+    so that the random start fades fast."""
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     return jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
 
 
@@ -98,20 +96,26 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
     optimizer = training.make_optimizer(training.lr_schedule(t.lr, t.lr_schedule, t.steps, t.warmup_steps),
                                         weight_decay=t.weight_decay, clip_grad_norm=t.clip_grad_norm)
     tuned, frozen = training.split_params(params, training.EVERY_PARAMETER)
-    run = {"state": training.TrainState.create(tuned, optimizer, jax.random.PRNGKey(config.seed)),
-           "ema": jax.tree.map(jnp.array, tuned)}
+
+    def fresh_run(tuned: Any) -> dict[str, Any]:
+        return {"state": training.TrainState.create(tuned, optimizer, jax.random.PRNGKey(config.seed)),
+                "ema": jax.tree.map(jnp.copy, tuned)}
+
     store = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"))
     start = store.latest_step() or 0
+    _drop_rows_after(os.path.join(workdir, METRICS_FILE), start)  # logged by a killed run after its last checkpoint
     if start:
-        run = store.restore(start, run)
+        run = store.restore(start, jax.eval_shape(fresh_run, tuned))
         logging.info("resumed from step %d", start)
+    else:
+        run = jax.jit(fresh_run)(tuned)  # one compilation, not one per optimizer-state shape
     step_fn = training.make_train_step(model, scheduler, optimizer, loss_kind="epsilon")
 
     losses, tick = [], time.perf_counter()
     for step in range(start, t.steps):
         clips, ids = batch_for_step(config, step, prompt_index)
         state, metrics = step_fn(run["state"], frozen, clips, table[ids])
-        run = {"state": state, "ema": _ema_update(run["ema"], state.tuned, ema_decay(t.ema_decay, state.step))}
+        run = {"state": state, "ema": ema_update(run["ema"], state.tuned, state.step, t.ema_decay)}
         losses.append(metrics["loss"])
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
@@ -130,6 +134,19 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
     return pipeline
 
 
+def sample_world(pipeline: str, workdir: str, prompt_list: Sequence[str], num_frames: int, height: int, width: int,
+                 seed: int = 0, steps: int = 25, guidance: float = 4.0) -> np.ndarray:
+    """Clips ``(n, f, h, w, 3)`` in [0, 1] sampled from noise for each prompt by DDIM with x0 thresholding
+    (the pipeline's scheduler settings) and classifier-free guidance; prompt states are cached in ``workdir``."""
+    model, params = load_unet(os.path.join(pipeline, "unet"), dtype=np.float32)
+    scheduler = schedulers.from_config(pipeline, _class_name="DDIMScheduler")
+    texts = prompts.embed_prompts(pipeline, [*prompt_list, ""], workdir)
+    x_T = jax.random.normal(jax.random.PRNGKey(seed), (len(prompt_list), num_frames, height, width, 3))
+    frames = generate.sample_keyframes(model, params, scheduler, x_T, jnp.stack([texts[p] for p in prompt_list]),
+                                       jnp.asarray(texts[""])[None], steps, guidance, jax.random.PRNGKey(seed + 1))
+    return (np.asarray(frames, np.float32) + 1) / 2
+
+
 def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
     """Writes ``params`` under their PyTorch names as the folder's ``diffusion_pytorch_model.safetensors``."""
     state_dict = {name: value.astype(dtype) for name, value in to_torch_state_dict(model, params).items()}
@@ -137,6 +154,13 @@ def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
     save_file(state_dict, path + ".tmp", metadata={"format": "pt"})
     os.replace(path + ".tmp", path)
     return path
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        checkpoints.write_text_atomic(path, "".join(rows))
 
 
 def _append_row(path: str, row: dict[str, Any]) -> None:
