@@ -125,3 +125,9 @@ def test_samples_are_judged_by_appearance_and_steadiness():
     assert not second["colour_ok"] and second["shape_ok"] and second["background_ok"]
     assert second["track_jerk_px"] > 10
     assert result["summary"]["appearance_ok"] == 0.5 and result["summary"]["motion_error_px"] is None
+
+
+def test_noise_holds_no_object():
+    noise = np.random.default_rng(3).uniform(0, 1, (FRAMES, HEIGHT, WIDTH, 3)).astype(np.float32)
+    reading = evaluation.read_clip(noise)
+    assert not reading.found.any() and reading.shape == "none"

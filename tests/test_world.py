@@ -55,7 +55,8 @@ def test_video_is_the_background_blended_with_the_colour_by_the_mask():
     assert clip.video.min() >= 0 and clip.video.max() <= 1
 
 
-@pytest.mark.parametrize("colour,shape,background", list(itertools.product(world.COLOURS, world.SHAPES, world.BACKGROUNDS)))
+@pytest.mark.parametrize("colour,shape,background",
+                         list(itertools.product(world.COLOURS, world.SHAPES, world.BACKGROUNDS)))
 def test_prompts_parse_back(colour, shape, background):
     prompt = world.prompt_for(colour, shape, background)
     assert world.parse_prompt(prompt) == (colour, shape, background)

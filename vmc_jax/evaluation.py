@@ -3,13 +3,13 @@
 A clip is read by colour alone, as the world draws it: the background is the clip's median colour,
 the object colour the median of the pixels farthest from it, and each pixel's membership the
 projection of its colour onto the segment background -> object (1 = object, 0 = background),
-counted on the object (projection over 1/2) and the pixels next to it. That gives per frame a centroid (the track), and over the clip a colour, a
-background and a shape (by the fill ratio of the object's bounding box, square 1, disc pi/4,
-triangle 1/2, and the skewness of its row profile, against the world's own renderings at the
-clip's size). Comparing a generated
-clip with the input it was made from gives the motion error (mean centroid distance in pixels),
-appearance (colour, shape, background against the target prompt) and leakage (the input's colour
-or background surviving where the target asked for another).
+counted on the object (projection over 1/2) and the pixels next to it. That gives per frame a
+centroid (the track), and over the clip a colour, a background and a shape (by the fill ratio of
+the object's bounding box, square 1, disc pi/4, triangle 1/2, and the skewness of its row
+profile, against the world's own renderings at the clip's size). Comparing a generated clip with
+the input it was made from gives the motion error (mean centroid distance in pixels), appearance
+(colour, shape, background against the target prompt) and leakage (the input's colour or
+background surviving where the target asked for another).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from vmc_jax import world
 
 # A frame whose object covers less area than this (pixels) has no object.
 MIN_AREA = 0.5
+# Nor one whose "object" covers more than this fraction of it (2.5 times the world's largest shape):
+# scattered noise, not a shape.
+MAX_AREA_FRACTION = 0.25
 # The object colour is the median of the pixels at least this fraction of the farthest's distance away.
 CORE = 0.85
 # The least colour distance (RGB in [0, 1]) at which an object is told from a plain background.
@@ -132,7 +135,8 @@ def read_clip(video: np.ndarray, source: str = "video") -> ClipReading:
     video = as_unit_rgb(video, source)
     membership, object_rgb, background_rgb = object_membership(video)
     area = membership.sum(axis=(1, 2))
-    found = area >= MIN_AREA
+    found = (area >= MIN_AREA) & (area <= MAX_AREA_FRACTION * video.shape[1] * video.shape[2])
+    membership = membership * found[:, None, None]
     ys, xs = np.mgrid[0:video.shape[1], 0:video.shape[2]]
     with np.errstate(invalid="ignore", divide="ignore"):
         track = np.stack([(membership * xs).sum(axis=(1, 2)), (membership * ys).sum(axis=(1, 2))], -1) / area[:, None]
@@ -204,7 +208,7 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def summarise(per_clip: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """Means over clips: motion error, jerk, accuracy of each appearance part, leakage rates (None if undefined or absent)."""
+    """Means over clips of each metric: errors, accuracies, leakage rates (None where undefined or absent)."""
     def mean(key: str) -> float | None:
         values = [float(m[key]) for m in per_clip if m.get(key) is not None]
         return float(np.mean(values)) if values else None

@@ -37,7 +37,7 @@ EXPORT_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def world_unet_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The tiny pipeline's Show-1 UNet config with ``model``'s widths: a plain ResNet level first, cross-attention levels after."""
+    """The tiny pipeline's Show-1 UNet config with ``model``'s widths: a ResNet level, then cross-attention levels."""
     levels = len(model.block_out_channels)
     if levels < 2:
         raise ValueError(f"model.block_out_channels {list(model.block_out_channels)}: need at least 2 levels")
@@ -59,7 +59,8 @@ def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
     return jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
 
 
-def batch_for_step(config: ml_collections.ConfigDict, step: int, prompt_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def batch_for_step(config: ml_collections.ConfigDict, step: int,
+                   prompt_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """(clips (b, f, h, w, 3) in [-1, 1], prompt indices (b,)) of ``step``: a function of the seed and
     the step alone, so a resumed run sees the same data. Some prompts become "" (unconditional)."""
     rng = np.random.default_rng([config.seed, step])
@@ -119,9 +120,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
         losses.append(metrics["loss"])
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
-            seconds = (time.perf_counter() - tick) / len(losses)
-            # the first row's seconds include compiling the step
-            row = {"step": done, "loss": float(np.mean(jax.device_get(losses))), "seconds_per_step": seconds}
+            loss = float(np.mean(jax.device_get(losses)))  # waits for the steps dispatched so far
+            seconds = (time.perf_counter() - tick) / len(losses)  # the first row's include compiling the step
+            row = {"step": done, "loss": loss, "seconds_per_step": seconds}
             _append_row(os.path.join(workdir, METRICS_FILE), row)
             logging.info("step %d/%d loss %.4f, %.2f s/step, ETA %.0f s", done, t.steps, row["loss"], seconds,
                          seconds * (t.steps - done))

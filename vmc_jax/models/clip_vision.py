@@ -144,7 +144,7 @@ class CLIPTextProjectionConfig(CLIPTextEncoderConfig):
 
 
 class CLIPTextProjectionEncoder(nn.Module):
-    """transformers' ``CLIPTextModelWithProjection``: ``apply(params, input_ids, attention_mask=None)`` -> text embeddings."""
+    """transformers' ``CLIPTextModelWithProjection``: ``apply(params, input_ids, attention_mask=None)`` -> embeddings."""
 
     config: CLIPTextProjectionConfig
     dtype: Any = jnp.float32
