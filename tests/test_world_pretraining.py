@@ -47,13 +47,17 @@ def test_batches_depend_on_seed_and_step_only():
 
 @pytest.fixture
 def one_compiled_step(monkeypatch):
-    """make_train_step compiled once and shared by the runs of a test (their configs are equal)."""
+    """make_train_step compiled once, with XLA's optimisations mostly off (as the Flax examples' end-to-end
+    tests do), and shared by the runs of a test (their configs are equal)."""
     real, cache = training.make_train_step, {}
 
     def shared(*args, **kwargs):
         return cache.setdefault("step", real(*args, **kwargs))
 
     monkeypatch.setattr(training, "make_train_step", shared)
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
 
 
 def test_pretraining_resumes_bit_identical_and_exports_hub_weights(tmp_path, one_compiled_step):
