@@ -12,7 +12,7 @@ import json
 import math
 import os
 import string
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import numpy as np
@@ -154,14 +154,19 @@ _SMALL_STDDEV = 0.02
 _LAST_TEMPORAL_CONV = "conv4_3"
 
 
-def make_tiny_pipeline(folder: str, seed: int = 0) -> str:
-    """Writes the tiny random Show-1 keyframe pipeline (hub format) into ``folder``; returns ``folder``."""
+def make_tiny_pipeline(folder: str, seed: int = 0, unet_config: dict[str, Any] = UNET_CONFIG,
+                       prompts: Sequence[str] = PROMPTS) -> str:
+    """Writes the tiny random Show-1 keyframe pipeline (hub format) into ``folder``; returns ``folder``.
+
+    ``unet_config`` and ``prompts`` (whose words the tokenizer spells as one piece each) default
+    to the demo's; the moving-shapes world's pretraining starts from its own.
+    """
     os.makedirs(folder, exist_ok=True)
-    vocab_size = _write_tokenizer(os.path.join(folder, "tokenizer"))
+    vocab_size = _write_tokenizer(os.path.join(folder, "tokenizer"), prompts)
     t5_config = {**T5_CONFIG, "vocab_size": vocab_size}
     _write_model(os.path.join(folder, "text_encoder"), t5_config, text_encoder_from_config(t5_config),
                  "model.safetensors", seed)
-    _write_model(os.path.join(folder, "unet"), UNET_CONFIG, build_unet(UNET_CONFIG),
+    _write_model(os.path.join(folder, "unet"), unet_config, build_unet(unet_config),
                  "diffusion_pytorch_model.safetensors", seed + 1)
     _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
     _write_json(os.path.join(folder, "model_index.json"), MODEL_INDEX)
@@ -190,11 +195,11 @@ def make_synthetic_clip(path: str, num_frames: int = 8, height: int = 40, width:
     return path
 
 
-def _write_tokenizer(folder: str) -> int:
-    """Saves a word-level T5 tokenizer (a piece per prompt word, plus single characters); returns its size."""
+def _write_tokenizer(folder: str, prompts: Sequence[str]) -> int:
+    """Saves a word-level T5 tokenizer (a piece per word of ``prompts``, plus single characters); returns its size."""
     from transformers import T5Tokenizer  # heavy import, needed only here
 
-    words = sorted({word for prompt in PROMPTS for word in prompt.replace(",", " ").replace(".", " ").split()})
+    words = sorted({word for prompt in prompts for word in prompt.replace(",", " ").replace(".", " ").split()})
     characters = string.ascii_letters + string.digits + string.punctuation
     # Unigram scores: a whole word (-1) beats spelling it out (-5 per character).
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]

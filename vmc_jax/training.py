@@ -17,6 +17,8 @@ from vmc_jax.schedulers import Scheduler
 
 # Every to_q / to_k / to_v of both attentions of every temporal transformer (the set VMC tunes).
 TEMPORAL_ATTENTION_QKV = r"(^|/)temp_attentions_\d+/transformer_blocks_\d+/attn[12]/to_[qkv]/(kernel|bias)$"
+# Every parameter (pretraining, and the ablation that tunes the whole UNet).
+EVERY_PARAMETER = r"^"
 
 
 def split_params(params: Any, pattern: str = TEMPORAL_ATTENTION_QKV) -> tuple[dict, dict]:
@@ -40,6 +42,9 @@ def merge_params(tuned: Any, frozen: Any) -> dict:
 
 
 LOSS_KINDS = ("paper", "official", "l2")
+# What the train step takes: the motion-distillation losses, and "epsilon", the plain denoising loss
+# (pretraining, and the ablation that tunes VMC's subset with it).
+TRAIN_LOSS_KINDS = (*LOSS_KINDS, "epsilon")
 
 
 def _cosine(a: jax.Array, b: jax.Array, axis: int, eps: float = 1e-8) -> jax.Array:
@@ -64,14 +69,32 @@ def motion_distillation_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str
     true = (eps_true[:, 1:] - eps_true[:, :-1]).astype(jnp.float32)
     b, f = pred.shape[:2]
     if kind == "paper":
-        per_item = 1 - _cosine(pred.reshape(b, f, -1), true.reshape(b, f, -1), axis=-1)
+        terms = 1 - _cosine(pred.reshape(b, f, -1), true.reshape(b, f, -1), axis=-1)
     elif kind == "official":
-        per_item = 1 - _cosine(jnp.abs(pred), jnp.abs(true), axis=1)
+        terms = 1 - _cosine(jnp.abs(pred), jnp.abs(true), axis=1)
     elif kind == "l2":
-        per_item = jnp.square(pred - true)
+        terms = jnp.square(pred - true)
     else:
         raise ValueError(f"unknown motion distillation loss {kind!r}; expected one of {LOSS_KINDS}")
-    per_item = jnp.mean(per_item.reshape(b, -1), axis=1)  # every item has as many terms: the mean is unchanged
+    return _batch_mean(terms, weights)
+
+
+def diffusion_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str, weights: jax.Array | None = None) -> jax.Array:
+    """The train step's loss: "epsilon" is the mean squared error of the predicted noise, any other
+    ``kind`` a :func:`motion_distillation_loss`; ``weights`` as there."""
+    if kind != "epsilon":
+        return motion_distillation_loss(eps_pred, eps_true, kind, weights)
+    if eps_pred.shape != eps_true.shape:
+        raise ValueError(f"eps_pred {eps_pred.shape} and eps_true {eps_true.shape} differ in shape")
+    return _batch_mean(jnp.square(eps_pred.astype(jnp.float32) - eps_true.astype(jnp.float32)), weights)
+
+
+def _batch_mean(terms: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """The mean of ``terms`` (batch, ...), each item's mean weighed by ``weights`` (batch,) if given.
+
+    Every item has as many terms, so without weights this is the plain mean of all of them.
+    """
+    per_item = jnp.mean(terms.reshape(terms.shape[0], -1), axis=1)
     if weights is None:
         return jnp.mean(per_item)
     return jnp.sum(weights * per_item) / jnp.sum(weights)
@@ -122,7 +145,7 @@ class TrainState:
 
 def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.GradientTransformation,
                     loss_kind: str = "paper", per_clip: bool = False) -> Callable:
-    """A jitted ``(state, frozen, clips, text, weights=None) -> (state, metrics)`` VMC update.
+    """A jitted ``(state, frozen, clips, text, weights=None) -> (state, metrics)`` update with a :func:`diffusion_loss`.
 
     ``clips`` ``(b, f, h, w, c)`` in [-1, 1]; ``text`` ``(b or 1, L, d)``; ``weights`` ``(b,)``
     weigh the loss (0 for batch padding). Per clip a timestep t ~ U{0..T-1} and noise ~ N(0, I)
@@ -132,8 +155,8 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
     in place. ``per_clip``: several independent problems at once (see :func:`init_per_clip`):
     state, clips, text and weights carry a leading clip axis, the frozen weights are shared.
     """
-    if loss_kind not in LOSS_KINDS:
-        raise ValueError(f"unknown motion distillation loss {loss_kind!r}; expected one of {LOSS_KINDS}")
+    if loss_kind not in TRAIN_LOSS_KINDS:
+        raise ValueError(f"unknown loss {loss_kind!r}; expected one of {TRAIN_LOSS_KINDS}")
     alphas = scheduler.alphas_cumprod
 
     def step(state: TrainState, frozen: Any, clips: jax.Array, text: jax.Array, weights: jax.Array | None = None):
@@ -147,7 +170,7 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
         def loss_fn(tuned):
             out = model.apply({"params": merge_params(tuned, frozen)}, noisy, t, text, train=True,
                               rngs={"dropout": dropout_key})
-            return motion_distillation_loss(out[..., :channels], noise, loss_kind, weights)
+            return diffusion_loss(out[..., :channels], noise, loss_kind, weights)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.tuned)
         grad_norm = optax.tree.norm(grads)

@@ -49,10 +49,11 @@ class CLIPTextEncoderConfig:
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with biased projections, scores scaled by head_dim ** -0.5."""
+    """Multi-head self-attention (causal for text), biased projections, scores scaled by head_dim ** -0.5."""
 
     config: CLIPTextEncoderConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -66,7 +67,7 @@ class CLIPAttention(nn.Module):
             return projected.reshape(batch, length, cfg.num_attention_heads, head_dim)
 
         out = dot_product_attention(
-            heads("q_proj"), heads("k_proj"), heads("v_proj"), scale=head_dim**-0.5, mask=mask, causal=True
+            heads("q_proj"), heads("k_proj"), heads("v_proj"), scale=head_dim**-0.5, mask=mask, causal=self.causal
         )
         return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="out_proj")(out.reshape(batch, length, -1))
 
@@ -90,12 +91,13 @@ class CLIPEncoderLayer(nn.Module):
 
     config: CLIPTextEncoderConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         """x float32 residual stream -> updated stream."""
         eps = self.config.layer_norm_eps
-        attended = CLIPAttention(self.config, dtype=self.dtype, name="self_attn")(
+        attended = CLIPAttention(self.config, dtype=self.dtype, causal=self.causal, name="self_attn")(
             layer_norm(eps, self.dtype, "layer_norm1")(x), mask
         )
         x = x + attended.astype(jnp.float32)
@@ -124,16 +126,17 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """The stack of layers (``encoder.layers``)."""
+    """The stack of layers (``encoder.layers``); ``causal`` False for the vision tower."""
 
     config: CLIPTextEncoderConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         """x float32 residual stream -> stream after every layer."""
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, dtype=self.dtype, name=f"layers_{i}")(x, mask)
+            x = CLIPEncoderLayer(self.config, dtype=self.dtype, causal=self.causal, name=f"layers_{i}")(x, mask)
         return x
 
 

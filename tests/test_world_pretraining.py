@@ -1,0 +1,93 @@
+"""World pretraining: every UNet parameter trained with epsilon MSE, resumable bit-identically, and
+written back in the hub layout that load_unet and `vmc-jax convert` read."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import world as world_config
+from vmc_jax import training, world_pretraining
+from vmc_jax.conversion.pipeline import convert
+from vmc_jax.loading import load_unet
+
+
+def small_config():
+    config = world_config.get_config("test")
+    config.model.block_out_channels = [32, 32]
+    config.data.num_frames, config.data.height, config.data.width = 4, 8, 16
+    return config
+
+
+def test_epsilon_loss_is_the_mean_squared_error():
+    rng = np.random.default_rng(0)
+    pred, true = rng.normal(size=(2, 2, 3, 4, 5, 3)).astype(np.float32)
+    assert float(training.diffusion_loss(pred, true, "epsilon")) == pytest.approx(np.mean((pred - true) ** 2), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown loss 'mse'"):
+        training.make_train_step(None, None, None, "mse")
+
+
+def test_world_unet_has_show1_block_types():
+    config = world_pretraining.world_unet_config(world_config.get_config().model)
+    assert config["down_block_types"] == ["ResnetDownsampleBlock3D"] + ["SimpleCrossAttnDownBlock3D"] * 2
+    assert config["up_block_types"] == ["SimpleCrossAttnUpBlock3D"] * 2 + ["ResnetUpsampleBlock3D"]
+    assert config["block_out_channels"] == [32, 64, 64]
+
+
+def test_batches_depend_on_seed_and_step_only():
+    config, index = small_config(), {p: i for i, p in enumerate(world_pretraining.world.all_prompts() + [""])}
+    a, b = world_pretraining.batch_for_step(config, 5, index), world_pretraining.batch_for_step(config, 5, index)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], world_pretraining.batch_for_step(config, 6, index)[0])
+
+
+@pytest.fixture
+def one_compiled_step(monkeypatch):
+    """make_train_step compiled once, with XLA's optimisations mostly off (as the Flax examples' end-to-end
+    tests do), and shared by the runs of a test (their configs are equal)."""
+    real, cache = training.make_train_step, {}
+
+    def shared(*args, **kwargs):
+        return cache.setdefault("step", real(*args, **kwargs))
+
+    monkeypatch.setattr(training, "make_train_step", shared)
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def test_pretraining_resumes_bit_identical_and_exports_hub_weights(tmp_path, one_compiled_step):
+    config = small_config()
+    whole = world_pretraining.pretrain(config, str(tmp_path / "a"))
+    # a run killed after logging step 3: its last checkpoint is step 2's
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+    resumed = world_pretraining.pretrain(config, str(tmp_path / "b"))
+
+    rows = [[json.loads(line) for line in open(tmp_path / d / world_pretraining.METRICS_FILE)] for d in "ab"]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+    _, a = load_unet(f"{whole}/unet")
+    _, b = load_unet(f"{resumed}/unet")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == np.float16
+        np.testing.assert_array_equal(x, y)
+
+    # every parameter moved from the random start, and the written weights are the EMA's
+    world_pretraining.make_pipeline(config, str(tmp_path / "start"))
+    _, start = load_unet(str(tmp_path / "start" / "unet"))
+    moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(a))]
+    assert all(moved), [p for p, m in zip(traverse_util.flatten_dict(start), moved) if not m]
+    saved = world_pretraining.checkpoints.TrainCheckpoints(str(tmp_path / "a" / "checkpoints")).manager.restore(4)
+    for x, y in zip(jax.tree.leaves(saved["ema"]), jax.tree.leaves(a)):
+        np.testing.assert_array_equal(np.asarray(x, np.float16), y)
+
+    converted = tmp_path / "converted"
+    convert(whole, str(converted))
+    _, flax_params = load_unet(str(converted / "unet"))
+    for x, y in zip(jax.tree.leaves(flax_params), jax.tree.leaves(a)):
+        np.testing.assert_array_equal(x, y)

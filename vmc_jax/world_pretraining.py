@@ -1,0 +1,189 @@
+"""Pretraining a small Show-1-style keyframe model on the moving-shapes world, from a seed.
+
+``pretrain(config, workdir)`` (config: ``configs/world.py``) writes a hub-layout pipeline into
+``workdir/pipeline`` (the Show-1 base layout of :mod:`vmc_jax.tiny_pipeline`, with the world's
+words in the tokenizer), trains every UNet parameter with the plain epsilon MSE through the same
+train step as VMC, on fresh world clips each step, and writes the EMA of the weights back into
+``pipeline/unet`` so that ``vmc-jax convert`` and ``load_unet`` read the result. The T5 encoder
+stays as drawn (frozen, as Show-1 and IF keep theirs): its states differ per word, and the UNet's
+text projection learns to read them. A killed run started again resumes from its last checkpoint.
+
+    python -m vmc_jax.world_pretraining --config configs/world.py:16x24 --workdir workdirs/world
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from safetensors.numpy import save_file
+
+from vmc_jax import checkpoints, generate, prompts, schedulers, tiny_pipeline, training, world
+from vmc_jax.loading import load_unet, to_torch_state_dict
+
+PIPELINE = "pipeline"
+METRICS_FILE = "pretrain_metrics.jsonl"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Only epsilon is trained, so samplers must not read the (untrained) variance channels.
+SCHEDULER_CONFIG = {**tiny_pipeline.SCHEDULER_CONFIG, "variance_type": "fixed_small"}
+EXPORT_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def world_unet_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The tiny pipeline's Show-1 UNet config with ``model``'s widths: a ResNet level, then cross-attention levels."""
+    levels = len(model.block_out_channels)
+    if levels < 2:
+        raise ValueError(f"model.block_out_channels {list(model.block_out_channels)}: need at least 2 levels")
+    return {
+        **tiny_pipeline.UNET_CONFIG,
+        "block_out_channels": list(model.block_out_channels),
+        "layers_per_block": model.layers_per_block,
+        "attention_head_dim": model.attention_head_dim,
+        "down_block_types": ["ResnetDownsampleBlock3D"] + ["SimpleCrossAttnDownBlock3D"] * (levels - 1),
+        "up_block_types": ["SimpleCrossAttnUpBlock3D"] * (levels - 1) + ["ResnetUpsampleBlock3D"],
+    }
+
+
+@jax.jit
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """The EMA of the weights after ``step``: its decay warms up as (1 + step) / (10 + step) to ``decay``,
+    so that the random start fades fast."""
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
+
+
+def batch_for_step(config: ml_collections.ConfigDict, step: int,
+                   prompt_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(clips (b, f, h, w, 3) in [-1, 1], prompt indices (b,)) of ``step``: a function of the seed and
+    the step alone, so a resumed run sees the same data. Some prompts become "" (unconditional)."""
+    rng = np.random.default_rng([config.seed, step])
+    d = config.data
+    clips, texts = world.make_batch(rng, config.train.batch_size, d.num_frames, d.height, d.width)
+    ids = np.array([prompt_index[t] for t in texts])
+    dropped = rng.random(len(ids)) < config.train.unconditional_fraction
+    return clips.astype(np.float32), np.where(dropped, prompt_index[""], ids)
+
+
+def make_pipeline(config: ml_collections.ConfigDict, folder: str) -> None:
+    """Writes the untrained hub-layout pipeline (random UNet and T5, world tokenizer, epsilon-only scheduler)."""
+    tiny_pipeline.make_tiny_pipeline(folder, config.seed, unet_config=world_unet_config(config.model),
+                                     prompts=world.all_prompts())
+    checkpoints.write_text_atomic(os.path.join(folder, "scheduler", "scheduler_config.json"),
+                                  json.dumps(SCHEDULER_CONFIG, indent=2, sort_keys=True))
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Trains (or resumes training) the world model in ``workdir``; returns the pipeline folder."""
+    t = config.train
+    if config.export_dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export_dtype {config.export_dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
+    pipeline = os.path.join(workdir, PIPELINE)
+    if not os.path.isfile(os.path.join(pipeline, "model_index.json")):
+        make_pipeline(config, pipeline)
+    model, params = load_unet(os.path.join(pipeline, "unet"), dtype=np.float32, remat=t.remat)
+    scheduler = schedulers.from_config(os.path.join(pipeline, "scheduler"))
+    names = world.all_prompts() + [""]
+    embeddings = prompts.embed_prompts(pipeline, names, workdir)
+    table = jnp.asarray(np.stack([embeddings[n] for n in names]))
+    prompt_index = {n: i for i, n in enumerate(names)}
+
+    optimizer = training.make_optimizer(training.lr_schedule(t.lr, t.lr_schedule, t.steps, t.warmup_steps),
+                                        weight_decay=t.weight_decay, clip_grad_norm=t.clip_grad_norm)
+    tuned, frozen = training.split_params(params, training.EVERY_PARAMETER)
+
+    def fresh_run(tuned: Any) -> dict[str, Any]:
+        return {"state": training.TrainState.create(tuned, optimizer, jax.random.PRNGKey(config.seed)),
+                "ema": jax.tree.map(jnp.copy, tuned)}
+
+    store = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"))
+    start = store.latest_step() or 0
+    _drop_rows_after(os.path.join(workdir, METRICS_FILE), start)  # logged by a killed run after its last checkpoint
+    if start:
+        run = store.restore(start, jax.eval_shape(fresh_run, tuned))
+        logging.info("resumed from step %d", start)
+    else:
+        run = jax.jit(fresh_run)(tuned)  # one compilation, not one per optimizer-state shape
+    step_fn = training.make_train_step(model, scheduler, optimizer, loss_kind="epsilon")
+
+    losses, tick = [], time.perf_counter()
+    for step in range(start, t.steps):
+        clips, ids = batch_for_step(config, step, prompt_index)
+        state, metrics = step_fn(run["state"], frozen, clips, table[ids])
+        run = {"state": state, "ema": ema_update(run["ema"], state.tuned, state.step, t.ema_decay)}
+        losses.append(metrics["loss"])
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            loss = float(np.mean(jax.device_get(losses)))  # waits for the steps dispatched so far
+            seconds = (time.perf_counter() - tick) / len(losses)  # the first row's include compiling the step
+            row = {"step": done, "loss": loss, "seconds_per_step": seconds}
+            _append_row(os.path.join(workdir, METRICS_FILE), row)
+            logging.info("step %d/%d loss %.4f, %.2f s/step, ETA %.0f s", done, t.steps, row["loss"], seconds,
+                         seconds * (t.steps - done))
+            losses, tick = [], time.perf_counter()
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            store.save(done, run)
+            store.wait()
+            tick = time.perf_counter()  # the seconds per step leave checkpointing out
+    export_unet(model, run["ema"], os.path.join(pipeline, "unet"), EXPORT_DTYPES[config.export_dtype])
+    return pipeline
+
+
+def sample_world(pipeline: str, workdir: str, prompt_list: Sequence[str], num_frames: int, height: int, width: int,
+                 seed: int = 0, steps: int = 25, guidance: float = 4.0) -> np.ndarray:
+    """Clips ``(n, f, h, w, 3)`` in [0, 1] sampled from noise for each prompt by DDIM with x0 thresholding
+    (the pipeline's scheduler settings) and classifier-free guidance; prompt states are cached in ``workdir``."""
+    model, params = load_unet(os.path.join(pipeline, "unet"), dtype=np.float32)
+    scheduler = schedulers.from_config(pipeline, _class_name="DDIMScheduler")
+    texts = prompts.embed_prompts(pipeline, [*prompt_list, ""], workdir)
+    x_T = jax.random.normal(jax.random.PRNGKey(seed), (len(prompt_list), num_frames, height, width, 3))
+    frames = generate.sample_keyframes(model, params, scheduler, x_T, jnp.stack([texts[p] for p in prompt_list]),
+                                       jnp.asarray(texts[""])[None], steps, guidance, jax.random.PRNGKey(seed + 1))
+    return (np.asarray(frames, np.float32) + 1) / 2
+
+
+def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
+    """Writes ``params`` under their PyTorch names as the folder's ``diffusion_pytorch_model.safetensors``."""
+    state_dict = {name: value.astype(dtype) for name, value in to_torch_state_dict(model, params).items()}
+    path = os.path.join(folder, UNET_WEIGHTS)
+    save_file(state_dict, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        checkpoints.write_text_atomic(path, "".join(rows))
+
+
+def _append_row(path: str, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    """``python -m vmc_jax.world_pretraining --config configs/world.py[:HxW] --workdir W``."""
+    from absl import flags
+
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    print(pretrain(flags.FLAGS.config, flags.FLAGS.workdir))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/world.py[:HxW]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the pipeline, checkpoints and loss log go.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
