@@ -22,6 +22,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The job's folder: config, checkpoints, metrics, samples.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt to generate (repeatable).")
 _OUT = flags.DEFINE_string("out", None, "The file `export` writes.")
+_STAGES = flags.DEFINE_list("stages", None, "`generate`: cascade stages, e.g. keyframes,interpolation,sr1,sr2 "
+                            "(default: keyframes and every stage config.cascade gives a folder for).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`: replace existing converted components.")
 
 COMMANDS = ("convert", "tiny-pipeline", "train", "generate", "export")
@@ -71,7 +73,7 @@ def main(argv: list[str]) -> None:
     elif command == "generate":
         from vmc_jax.train import generate_prompts
 
-        for path in generate_prompts(_job_config(), _require(_WORKDIR, "workdir"), _PROMPT.value):
+        for path in generate_prompts(_job_config(), _require(_WORKDIR, "workdir"), _PROMPT.value, _STAGES.value):
             print(path)
     else:
         from vmc_jax.train import export_tuned

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from vmc_jax import checkpoints, data, generate, inversion, prompts, schedulers, training
+from vmc_jax import cascade_runner, checkpoints, data, generate, inversion, prompts, schedulers, training
 from vmc_jax.loading import load_unet, to_torch_state_dict
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,8 +53,9 @@ class Job:
         return tuned if step is None else self.checkpoints.restore_tuned(step)
 
     def generate(self, params: Any, clip: np.ndarray, texts: dict[str, np.ndarray], prompt_list: list[str],
-                 out_dir: str) -> list[str]:
-        """Inverts the clip with ``params`` and samples one keyframe video per prompt into ``out_dir``."""
+                 out_dir: str, stages: list[str] = ("keyframes",)) -> list[str]:
+        """Inverts the clip with ``params`` and samples one keyframe video per prompt into ``out_dir``,
+        then runs the later cascade ``stages`` on it (``<n>_<prompt>_<stage>.gif/.mp4``)."""
         c = self.config
         inv_scheduler = generate.inversion_scheduler(self.scheduler, c.inversion.method, c.inversion.scheduler)
         x_T = inversion.ddim_invert(self.model, params, clip[None], texts[""][None], inv_scheduler,
@@ -69,6 +70,11 @@ class Job:
                 path = os.path.join(out_dir, f"{i}_{_slug(prompt)}.{ext}")
                 data.save_video(np.asarray(frames[0], np.float32), path, fps=c.sampling.fps)
                 written.append(path)
+            later = cascade_runner.run_cascade(c, frames[0], prompt, texts[prompt][None], texts[""][None], stages)
+            for stage, video in later.items():
+                for ext in ("gif", "mp4"):
+                    written.append(os.path.join(out_dir, f"{i}_{_slug(prompt)}_{stage}.{ext}"))
+                    data.save_video(video, written[-1], fps=c.cascade.fps)
         return written
 
 
@@ -175,16 +181,22 @@ def _truncate_metrics(path: str, step: int) -> None:
     checkpoints.write_text_atomic(path, "".join(rows))
 
 
-def generate_prompts(config: ml_collections.ConfigDict, workdir: str, prompt_list: list[str]) -> list[str]:
-    """``vmc-jax generate``: keyframe videos for ``prompt_list`` with the run's tuned weights."""
+def generate_prompts(config: ml_collections.ConfigDict, workdir: str, prompt_list: list[str],
+                     stages: list[str] | None = None) -> list[str]:
+    """``vmc-jax generate``: videos for ``prompt_list`` with the run's tuned weights, through the
+    cascade ``stages`` (default: keyframes and every stage whose folder config.cascade gives)."""
     if not prompt_list:
         raise ValueError("no prompt given (--prompt)")
+    stages = cascade_runner.requested_stages(config, stages)
+    cascade_runner.check_stage_folders(config, stages)
+    cascade_runner.check_sizes(config, stages, config.data.num_frames, config.data.height, config.data.width)
     job = Job(config, workdir)
     _, frozen = training.split_params(job.params, config.train.tuned_params)
     params = jax.device_put(training.merge_params(job.tuned_params(), frozen))
     texts = job.embeddings(["", config.sampling.negative_prompt, *prompt_list])
     step = job.checkpoints.latest_step() or 0
-    return job.generate(params, job.clip(), texts, prompt_list, os.path.join(workdir, "samples", f"generate_{step}"))
+    return job.generate(params, job.clip(), texts, prompt_list, os.path.join(workdir, "samples", f"generate_{step}"),
+                        stages)
 
 
 def export_tuned(config: ml_collections.ConfigDict, workdir: str, out: str) -> str:
