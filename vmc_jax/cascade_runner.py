@@ -62,17 +62,20 @@ def check_stage_folders(config: ml_collections.ConfigDict, stages: list[str]) ->
             where = f"config.cascade.{field} = {folder!r}"
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"{where}: no such folder")
-            missing = [p for p in _PARTS[field] if not os.path.isdir(os.path.join(folder, p))]
-            if missing:
-                raise FileNotFoundError(f"{where}: missing {', '.join(p + '/' for p in missing)} "
-                                        "(expected a pipeline folder, hub or `vmc-jax convert` output)")
             unet = os.path.join(folder, "unet")
+            if not os.path.isfile(os.path.join(unet, checkpoints.CONFIG_FILE)):
+                raise FileNotFoundError(f"{where}: no unet/{checkpoints.CONFIG_FILE} (expected a pipeline folder, "
+                                        "hub or `vmc-jax convert` output)")
             unet_config = UNetConfig.from_dict(checkpoints.read_config(unet), source=unet)
             family, channels, expected = _EXPECTED_UNET[field]
             in_channels = dict(unet_config.values).get("in_channels")
             if unet_config.family != family or in_channels != channels:
                 raise ValueError(f"{where}: unet/ is a {unet_config.class_name} ({unet_config.family} family, "
                                  f"{in_channels} input channels), expected {expected}")
+            missing = [p for p in _PARTS[field] if not os.path.isdir(os.path.join(folder, p))]
+            if missing:
+                raise FileNotFoundError(f"{where}: missing {', '.join(p + '/' for p in missing)} "
+                                        "(expected a pipeline folder, hub or `vmc-jax convert` output)")
 
 
 def _downsampling(folder: str, part: str) -> int:
