@@ -88,7 +88,7 @@ def test_pmapped_inversion_equals_single_device_runs(keyframes, caplog):
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()], "second call recompiled"
     with caplog.at_level(logging.WARNING):
         padded = inversion.pmap_ddim_invert(model, params, clips[:3], texts[:3], scheduler, 3)
-    assert "padding a batch of 3 clips to 4" in caplog.text
+    assert "pmap_ddim_invert: a batch of 3 padded to 4" in caplog.text
     np.testing.assert_allclose(np.asarray(padded), singles[:3], rtol=1e-5, atol=1e-5)
     assert not np.allclose(np.asarray(again), singles)
 

@@ -47,7 +47,9 @@ def _torch_denoiser(scheduler, with_variance):
 
 
 def _to_torch(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+    """(..., h, w, c) -> (images, c, h, w): the reference pipelines step a video frame by frame."""
+    images = x.reshape(-1, *x.shape[-3:])
+    return torch.from_numpy(np.moveaxis(images, -1, 1).copy())
 
 
 def _diffusers_loop(config, num_steps, x_T, with_variance, noise=None, monkeypatch=None, eta=0.0):
@@ -66,14 +68,15 @@ def _diffusers_loop(config, num_steps, x_T, with_variance, noise=None, monkeypat
             if config["_class_name"] == "DDIMScheduler":
                 kwargs = {"eta": eta, "variance_noise": current_noise[-1]}
         x = reference.step(denoise(x, int(t)), t, x, **kwargs).prev_sample
-    return np.moveaxis(x.numpy(), 1, -1)
+    return np.moveaxis(x.numpy(), 1, -1).reshape(x_T.shape)
 
 
-def _check_parity(config, num_steps, with_variance=False, stochastic=False, monkeypatch=None, eta=0.0):
+def _check_parity(config, num_steps, with_variance=False, stochastic=False, monkeypatch=None, eta=0.0,
+                  shape=SHAPE):
     """sample_loop against diffusers' loop from the same x_T (and per-step noise) to PARITY_TOL."""
     rng = np.random.default_rng(0)
-    x_T = rng.standard_normal(SHAPE, dtype=np.float32)
-    noise = rng.standard_normal((num_steps, *SHAPE), dtype=np.float32) if stochastic else None
+    x_T = rng.standard_normal(shape, dtype=np.float32)
+    noise = rng.standard_normal((num_steps, *shape), dtype=np.float32) if stochastic else None
     scheduler = schedulers.from_config(config, eta=eta)
     ours = sample_loop(scheduler, _jax_denoiser(scheduler, with_variance), jnp.asarray(x_T), num_steps,
                        noise=None if noise is None else jnp.asarray(noise))
@@ -145,6 +148,20 @@ def test_ddpm_matches_diffusers(config, num_steps, with_variance, monkeypatch):
     """DDPM (learned_range, fixed_small[_log], fixed_large; thresholding) with the same per-step noise
     matches DDPMScheduler's loop to 1e-5 max abs."""
     _check_parity(config, num_steps, with_variance, stochastic=True, monkeypatch=monkeypatch)
+
+
+def test_image_batches_threshold_per_image(monkeypatch):
+    """An image batch (batch, h, w, c) is thresholded per image, as IF's image pipelines step it:
+    DDPM with dynamic thresholding matches diffusers on (batch, c, h, w) to 1e-5 max abs."""
+    _check_parity(DDPM, 25, True, stochastic=True, monkeypatch=monkeypatch, shape=(3, 4, 4, 3))
+
+
+def test_thresholding_needs_images():
+    scheduler = schedulers.from_config(DDPM)
+    inputs = schedulers.StepInputs(*(a[0] for a in schedulers.step_inputs(scheduler, 10)))
+    x = jnp.ones((2, 3, 6))
+    with pytest.raises(ValueError, match=r"dynamic thresholding needs images .* shape \(2, 3, 6\)"):
+        schedulers.step(scheduler, jnp.concatenate([x, x], -1), x, inputs, noise=x)
 
 
 @pytest.mark.parametrize("config", [

@@ -1,8 +1,10 @@
 """The motion-distillation losses against plain numpy statements of their formulas."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vmc_jax import training
 from vmc_jax.training import motion_distillation_loss
 
 
@@ -42,3 +44,14 @@ def test_bad_inputs_are_named():
         motion_distillation_loss(x, x, "cosine")
     with pytest.raises(ValueError, match=r"\(1, 4, 2, 2, 3\) and eps_true \(1, 3, 2, 2, 3\)"):
         motion_distillation_loss(x, x[:, :3], "paper")
+
+
+@pytest.mark.parametrize("kind", training.LOSS_KINDS)
+def test_zero_weight_padding_leaves_the_loss_unchanged(kind):
+    """The batch policy of vmc_jax.parallel: padding copies weighted 0 do not change the loss."""
+    rng = np.random.default_rng(5)
+    pred, true = (jnp.asarray(rng.standard_normal((3, 4, 2, 3, 3), dtype=np.float32)) for _ in range(2))
+    padded_pred, padded_true = (jnp.concatenate([a, a[-1:], a[-1:]]) for a in (pred, true))
+    weights = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(training.motion_distillation_loss(padded_pred, padded_true, kind, weights),
+                               training.motion_distillation_loss(pred, true, kind), rtol=1e-6)

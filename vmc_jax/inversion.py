@@ -3,22 +3,21 @@
 Each step moves ``x`` from the noise level ``a_cur`` up to ``a_next = alphas_cumprod[t]``,
 using the model's epsilon at timestep ``t`` (the first ``C`` output channels; the rest are the
 learned variance). The whole loop is one ``lax.scan`` under ``jit``; ``pmap_ddim_invert``
-spreads a batch of clips over the local devices.
+splits a batch of clips over the devices of a mesh (`vmc_jax.parallel`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from vmc_jax import schedulers
+from vmc_jax import parallel, schedulers
 from vmc_jax.schedulers import Scheduler
 
 METHODS = ("model", "official")
@@ -104,36 +103,22 @@ def ddim_invert(model: nn.Module, params: Any, x0: jax.Array, encoder_hidden_sta
                        jnp.asarray(encoder_hidden_states))
 
 
-@functools.lru_cache(maxsize=None)
-def _pmapped(model: nn.Module, scheduler: Scheduler, num_steps: int, method: str, return_trajectory: bool):
-    run = functools.partial(_invert, model, scheduler, num_steps, method, return_trajectory)
-    return jax.pmap(run, in_axes=(None, 0, 0))
-
-
 def pmap_ddim_invert(model: nn.Module, params: Any, x0: jax.Array, encoder_hidden_states: jax.Array,
                      scheduler: Scheduler, num_steps: int, method: str = "model",
-                     return_trajectory: bool = False) -> jax.Array:
-    """:func:`ddim_invert` with the batch of clips split over all local devices (``jax.pmap``).
+                     return_trajectory: bool = False, mesh: Mesh | None = None) -> jax.Array:
+    """:func:`ddim_invert` with the batch of clips split over the "data" axis of ``mesh``.
 
-    A batch that does not divide by the device count is padded with copies of its last clip
-    (a warning says so) and the padding is dropped from the result.
+    The name is the design card's; the program is one ``jit`` over the mesh (default: every
+    device of the job on "data"), the sharding model of the whole library, not ``jax.pmap``.
+    ``x0`` is the whole batch, the same on every process. A batch that does not divide the axis
+    is padded with copies of its last clip and the padding is dropped from the result
+    (`parallel` module policy). Returns a global array.
     """
-    devices = jax.local_device_count()
+    mesh = parallel.make_mesh() if mesh is None else mesh
     x0 = jnp.asarray(x0)
-    batch = x0.shape[0]
-    text = jnp.broadcast_to(jnp.asarray(encoder_hidden_states), (batch, *encoder_hidden_states.shape[1:]))
-    pad = -batch % devices
-    if pad:
-        logging.warning("pmap_ddim_invert: padding a batch of %d clips to %d for %d devices",
-                        batch, batch + pad, devices)
-        x0 = jnp.concatenate([x0, jnp.repeat(x0[-1:], pad, axis=0)])
-        text = jnp.concatenate([text, jnp.repeat(text[-1:], pad, axis=0)])
-
-    def shard(a):
-        return a.reshape(devices, -1, *a.shape[1:])
-
-    out = _pmapped(model, scheduler, num_steps, method, return_trajectory)(params, shard(x0), shard(text))
-    if return_trajectory:  # (devices, steps + 1, b / devices, ...) -> (steps + 1, b, ...)
-        out = jnp.moveaxis(out, 0, 1)
-        return out.reshape(out.shape[0], -1, *out.shape[3:])[:, :batch]
-    return out.reshape(-1, *out.shape[2:])[:batch]
+    text = jnp.broadcast_to(jnp.asarray(encoder_hidden_states), (x0.shape[0], *encoder_hidden_states.shape[1:]))
+    (x0, text), batch = parallel.pad_batch((x0, text), mesh.shape["data"], "pmap_ddim_invert")
+    x0, text = parallel.put_global(mesh, (x0, text), "data")
+    params = parallel.put_global(mesh, params)
+    out = _invert_jit(model, scheduler, num_steps, method, return_trajectory, params, x0, text)
+    return out[:, :batch] if return_trajectory else out[:batch]

@@ -10,7 +10,12 @@ equal bit for bit to the ones diffusers computes in torch. A sampling run is:
 
 `vmc_jax.sampling.sample_loop` runs exactly that under one `lax.scan`.
 
-Arrays are channels last with the batch first: `x` is (batch, ..., channels). A model output
+Arrays are channels last with the batch first: `x` is (batch, ..., channels). The one step
+computation that reduces over the sample, dynamic thresholding's quantile, is taken per image,
+over the trailing (height, width, channels) axes: an image batch (batch, h, w, c) per element,
+a video (batch, frames, h, w, c) per frame. That is what the reference pipelines do: Show-1's
+pixel stages and diffusers' video pipelines reshape the video to (batch * frames, c, h, w)
+before `scheduler.step`, and IF's image stages step (batch, c, h, w). A model output
 with twice the channels of `x` holds the prediction (epsilon, x0 or v) in its first half and the
 learned-range variance value (in [-1, 1]) in its second half, as DeepFloyd IF / Show-1 predict.
 """
@@ -332,11 +337,14 @@ def _x0_and_eps(scheduler: Scheduler, prediction: jax.Array, x: jax.Array, a: ja
 
 
 def _clip_x0(scheduler: Scheduler, x0: jax.Array) -> jax.Array:
-    """Imagen's dynamic thresholding per batch element, else plain clipping, if configured."""
+    """Imagen's dynamic thresholding per image (see the module docstring), else plain clipping, if configured."""
     if scheduler.thresholding:
-        flat = jnp.abs(x0.reshape(x0.shape[0], -1))
-        s = jnp.clip(jnp.quantile(flat, scheduler.dynamic_thresholding_ratio, axis=1), 1.0, scheduler.sample_max_value)
-        s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+        if x0.ndim < 4:
+            raise ValueError(f"dynamic thresholding needs images (batch, ..., height, width, channels), "
+                             f"got a sample of shape {x0.shape}")
+        images = jnp.abs(x0.reshape(*x0.shape[:-3], -1))
+        s = jnp.quantile(images, scheduler.dynamic_thresholding_ratio, axis=-1, keepdims=True)
+        s = jnp.clip(s, 1.0, scheduler.sample_max_value)[..., None, None]
         return jnp.clip(x0, -s, s) / s
     if scheduler.clip_sample and scheduler.algorithm != "dpmsolver++":
         return jnp.clip(x0, -scheduler.clip_sample_range, scheduler.clip_sample_range)

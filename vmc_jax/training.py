@@ -48,26 +48,33 @@ def _cosine(a: jax.Array, b: jax.Array, axis: int, eps: float = 1e-8) -> jax.Arr
     return jnp.sum(a * b, axis=axis) / norms
 
 
-def motion_distillation_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str = "paper") -> jax.Array:
+def motion_distillation_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str = "paper",
+                             weights: jax.Array | None = None) -> jax.Array:
     """VMC's loss on frame-to-frame residuals of predicted and true noise, ``(b, f, h, w, c)`` each.
 
     "paper": 1 - cosine between the residual vectors of consecutive frames (each flattened over
     h, w, c), averaged over frame pairs and batch; "official": the released code's form, 1 -
     cosine along the frame axis of the absolute residuals, averaged over b, h, w, c; "l2": mean
-    squared difference of the residuals.
+    squared difference of the residuals. ``weights`` ``(b,)`` weigh the batch mean (0 for the
+    padding of a batch that does not divide its mesh axis, see `vmc_jax.parallel`).
     """
     if eps_pred.shape != eps_true.shape:
         raise ValueError(f"eps_pred {eps_pred.shape} and eps_true {eps_true.shape} differ in shape")
     pred = (eps_pred[:, 1:] - eps_pred[:, :-1]).astype(jnp.float32)
     true = (eps_true[:, 1:] - eps_true[:, :-1]).astype(jnp.float32)
+    b, f = pred.shape[:2]
     if kind == "paper":
-        b, f = pred.shape[:2]
-        return jnp.mean(1 - _cosine(pred.reshape(b, f, -1), true.reshape(b, f, -1), axis=-1))
-    if kind == "official":
-        return jnp.mean(1 - _cosine(jnp.abs(pred), jnp.abs(true), axis=1))
-    if kind == "l2":
-        return jnp.mean(jnp.square(pred - true))
-    raise ValueError(f"unknown motion distillation loss {kind!r}; expected one of {LOSS_KINDS}")
+        per_item = 1 - _cosine(pred.reshape(b, f, -1), true.reshape(b, f, -1), axis=-1)
+    elif kind == "official":
+        per_item = 1 - _cosine(jnp.abs(pred), jnp.abs(true), axis=1)
+    elif kind == "l2":
+        per_item = jnp.square(pred - true)
+    else:
+        raise ValueError(f"unknown motion distillation loss {kind!r}; expected one of {LOSS_KINDS}")
+    per_item = jnp.mean(per_item.reshape(b, -1), axis=1)  # every item has as many terms: the mean is unchanged
+    if weights is None:
+        return jnp.mean(per_item)
+    return jnp.sum(weights * per_item) / jnp.sum(weights)
 
 
 def lr_schedule(lr: float, schedule: str, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
@@ -114,19 +121,21 @@ class TrainState:
 
 
 def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.GradientTransformation,
-                    loss_kind: str = "paper") -> Callable:
-    """A jitted ``(state, frozen, clips, text) -> (state, metrics)`` VMC update.
+                    loss_kind: str = "paper", per_clip: bool = False) -> Callable:
+    """A jitted ``(state, frozen, clips, text, weights=None) -> (state, metrics)`` VMC update.
 
-    ``clips`` ``(b, f, h, w, c)`` in [-1, 1]; ``text`` ``(b or 1, L, d)``. Per clip a timestep
-    t ~ U{0..T-1} and noise ~ N(0, I) give x_t; the model runs in train mode (temporal-conv
-    dropout); the loss compares the first ``c`` output channels with the noise. The state is
-    donated, so its buffers are updated in place.
+    ``clips`` ``(b, f, h, w, c)`` in [-1, 1]; ``text`` ``(b or 1, L, d)``; ``weights`` ``(b,)``
+    weigh the loss (0 for batch padding). Per clip a timestep t ~ U{0..T-1} and noise ~ N(0, I)
+    give x_t; the model runs in train mode (temporal-conv dropout); the loss compares the first
+    ``c`` output channels with the noise. The state is donated, so its buffers are updated in place.
+    ``per_clip``: several independent problems at once (see :func:`init_per_clip`): state, clips,
+    text and weights carry a leading clip axis, the frozen weights are shared.
     """
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"unknown motion distillation loss {loss_kind!r}; expected one of {LOSS_KINDS}")
     alphas = scheduler.alphas_cumprod
 
-    def step(state: TrainState, frozen: Any, clips: jax.Array, text: jax.Array):
+    def step(state: TrainState, frozen: Any, clips: jax.Array, text: jax.Array, weights: jax.Array | None = None):
         rng, t_key, noise_key, dropout_key = jax.random.split(state.rng, 4)
         batch, channels = clips.shape[0], clips.shape[-1]
         t = jax.random.randint(t_key, (batch,), 0, len(alphas))
@@ -137,7 +146,7 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
         def loss_fn(tuned):
             out = model.apply({"params": merge_params(tuned, frozen)}, noisy, t, text, train=True,
                               rngs={"dropout": dropout_key})
-            return motion_distillation_loss(out[..., :channels], noise, loss_kind)
+            return motion_distillation_loss(out[..., :channels], noise, loss_kind, weights)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.tuned)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.tuned)
@@ -145,4 +154,16 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, tuned, opt_state, rng), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if not per_clip:
+        return jax.jit(step, donate_argnums=0)
+
+    def per_clip_step(state: TrainState, frozen: Any, clips: jax.Array, text: jax.Array,
+                      weights: jax.Array | None = None):
+        return jax.vmap(step, in_axes=(0, None, 0, 0, 0))(state, frozen, clips, text, weights)
+
+    return jax.jit(per_clip_step, donate_argnums=0)
+
+
+def init_per_clip(tuned: Any, optimizer: optax.GradientTransformation, rngs: jax.Array) -> TrainState:
+    """One train state per clip, stacked on a leading axis, all from the same tuned start."""
+    return jax.vmap(lambda rng: TrainState.create(tuned, optimizer, rng))(rngs)

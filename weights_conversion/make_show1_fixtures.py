@@ -36,6 +36,19 @@ parameters that VMC fine-tunes).
 ``--preset`` picks a built-in config (see PRESETS); ``--override KEY=JSON`` changes single
 config entries (e.g. ``--override use_linear_projection=true``), which is how one-off parity
 checks of other settings are made without committing their data.
+
+``--keyframe-sampling`` records the released keyframe generation path instead: the VMC release's
+``TextToVideoIFPipeline`` (give the VMC checkout as ``--show1-src``; its pipeline takes the inverted
+noise as ``inv_images``) runs on the existing fixture UNet in ``OUT/unet`` with an IF-style DDPM
+scheduler (learned-range variance, dynamic thresholding active), classifier-free guidance and
+text states given directly, and every per-step variance noise it draws is recorded. It writes
+``OUT/keyframe_sampling.npz``: ``x_T`` (b, c, f, h, w), ``prompt_embeds`` / ``negative_prompt_embeds``
+(b, seq, d), ``noise`` (steps, b * f, c, h, w, in the order the pipeline drew it), ``video``
+(b, c, f, h, w, the pipeline's last intermediate images), ``steps``, ``guidance`` and
+``scheduler_config`` (JSON text)::
+
+    /work/refenv/bin/python weights_conversion/make_show1_fixtures.py --keyframe-sampling \
+        --show1-src /path/to/Video-Motion-Customization --out tests/fixtures/show1_keyframes
 """
 
 from __future__ import annotations
@@ -166,6 +179,59 @@ def run_reference(model, io: dict[str, np.ndarray], seed: int) -> dict[str, np.n
     return result
 
 
+# The IF-I / Show-1 base scheduler settings that matter for sampling: learned-range variance and
+# Imagen's dynamic thresholding (quantile 0.95, at most 1.5).
+KEYFRAME_SCHEDULER = dict(_class_name="DDPMScheduler", beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000,
+                          variance_type="learned_range", prediction_type="epsilon", clip_sample=True,
+                          clip_sample_range=1.0, thresholding=True, dynamic_thresholding_ratio=0.95,
+                          sample_max_value=1.5)
+KEYFRAME_SAMPLING = dict(frames=4, height=16, width=24, seq=7, steps=6, guidance=1.5)
+
+
+def record_keyframe_sampling(src: str, out: str, seed: int) -> None:
+    """Runs the released keyframe pipeline on ``OUT/unet`` and writes ``OUT/keyframe_sampling.npz``."""
+    import torch
+
+    UNet3DConditionModel = import_show1(src)
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+    from showone.pipelines.pipeline_t2v_base_pixel import TextToVideoIFPipeline
+
+    unet = UNet3DConditionModel.from_pretrained(os.path.join(out, "unet"), variant="fp16").float().eval()
+    scheduler = ddpm.DDPMScheduler.from_config(KEYFRAME_SCHEDULER)
+    pipe = TextToVideoIFPipeline(tokenizer=None, text_encoder=None, unet=unet, scheduler=scheduler,
+                                 feature_extractor=None)
+    shape = KEYFRAME_SAMPLING
+    rng = np.random.default_rng(seed)
+    text_dim = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
+    io = {
+        "x_T": rng.standard_normal((1, unet.config.in_channels, shape["frames"], shape["height"],
+                                    shape["width"])).astype(np.float32),
+        "prompt_embeds": rng.standard_normal((1, shape["seq"], text_dim)).astype(np.float32),
+        "negative_prompt_embeds": rng.standard_normal((1, shape["seq"], text_dim)).astype(np.float32),
+    }
+    drawn = []
+    draw = ddpm.randn_tensor
+
+    def recording_draw(*args, **kwargs):
+        noise = draw(*args, **kwargs)
+        drawn.append(noise.numpy().copy())
+        return noise
+
+    ddpm.randn_tensor = recording_draw
+    video = pipe(inv_images=torch.from_numpy(io["x_T"]), prompt_embeds=torch.from_numpy(io["prompt_embeds"]),
+                 negative_prompt_embeds=torch.from_numpy(io["negative_prompt_embeds"]),
+                 num_inference_steps=shape["steps"], guidance_scale=shape["guidance"],
+                 num_frames=shape["frames"], height=shape["height"], width=shape["width"],
+                 generator=torch.Generator().manual_seed(seed), output_type="pt").frames
+    # The last step (t = 0) draws no noise; keep the sampler's one-draw-per-step layout with zeros.
+    drawn += [np.zeros_like(drawn[0])] * (shape["steps"] - len(drawn))
+    io.update(noise=np.stack(drawn).astype(np.float32), video=video.numpy().astype(np.float32),
+              steps=np.int64(shape["steps"]), guidance=np.float64(shape["guidance"]),
+              scheduler_config=np.array(json.dumps(KEYFRAME_SCHEDULER)))
+    np.savez_compressed(os.path.join(out, "keyframe_sampling.npz"), **io)
+    print(f"wrote {out}/keyframe_sampling.npz: video {io['video'].shape}, {len(drawn)} noise draws")
+
+
 def parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -186,7 +252,12 @@ def main(argv=None) -> None:
     for key, value in DEFAULT_SHAPE.items():
         parser.add_argument(f"--{key}", type=int, default=value)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keyframe-sampling", action="store_true",
+                        help="record the released keyframe pipeline on OUT/unet instead (see the docstring)")
     args = parser.parse_args(argv)
+    if args.keyframe_sampling:
+        record_keyframe_sampling(args.show1_src, args.out, args.seed)
+        return
 
     UNet3DConditionModel = import_show1(args.show1_src)
     import torch

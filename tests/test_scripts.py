@@ -1,0 +1,72 @@
+"""The launch scripts in --dry-run mode: the gcloud / vmc-jax command lines they would run."""
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
+    """The script's printed commands, each split back into its arguments."""
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), "--dry-run", *args],
+                            env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def test_tpu_up_creates_installs_mounts_and_trains_on_every_worker():
+    create, archive, copy, install, mount, train = dry_run(
+        "tpu/vmc_tpu.sh", "up", "--config.train.steps=10", TPU_NAME="t1", ZONE="z1", ACCELERATOR_TYPE="v5p-16",
+        BUCKET="gs://b1", CONFIG="configs/vmc.py:bear")
+    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "t1"]
+    assert {"--zone=z1", "--accelerator-type=v5p-16"} <= set(create)
+    assert archive[:2] == ["git", "-C"] and "archive" in archive
+    assert copy[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in copy
+    for ssh in (install, mount, train):
+        assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t1"] and "--worker=all" in ssh
+    assert "jax[tpu]" in install[-1] and "gcsfuse --implicit-dirs b1 /mnt/vmc" in mount[-1]
+    remote = shlex.split(train[-1].split("&&", 1)[1])
+    assert remote[:5] == ["nohup", "vmc-jax", "train", "--config", "configs/vmc.py:bear"]
+    assert {"--multihost", "--workdir", "/mnt/vmc/workdirs/bear", "--config.pretrained=/mnt/vmc/checkpoints/show-1-base",
+            "--config.video=/mnt/vmc/videos/bear", "--config.train.steps=10"} <= set(remote)
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("logs", ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "vmc-tpu"]),
+    ("fetch", ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", "vmc-tpu:/mnt/vmc/workdirs/car_forest", "./results"]),
+    ("delete", ["gcloud", "compute", "tpus", "tpu-vm", "delete", "vmc-tpu"]),
+])
+def test_tpu_follow_fetch_delete(command, expected):
+    (line,) = dry_run("tpu/vmc_tpu.sh", command)
+    assert line[:len(expected)] == expected
+    assert "--zone=us-central2-b" in line
+
+
+def test_tpu_queued_spot_capacity():
+    (create,) = dry_run("tpu/vmc_tpu.sh", "create", QUEUED="1", SPOT="1", PROJECT="p1")
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "vmc-tpu-request"]
+    assert {"--node-id=vmc-tpu", "--project=p1", "--spot", "--runtime-version=tpu-ubuntu2204-base"} <= set(create)
+    (delete,) = dry_run("tpu/vmc_tpu.sh", "delete", QUEUED="1")
+    assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "vmc-tpu-request"]
+
+
+def test_tpu_mount_needs_a_bucket_and_unknown_commands_are_refused():
+    env = {k: v for k, v in os.environ.items() if k != "BUCKET"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts/tpu/vmc_tpu.sh"), "--dry-run", "mount"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "set BUCKET=gs://" in result.stderr
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts/tpu/vmc_tpu.sh"), "--dry-run", "launch"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_gpu_script_runs_train_over_local_gpus_or_joins_a_job():
+    (train,) = dry_run("gpu/vmc_gpus.sh", "--config.train.steps=5")
+    assert train[:5] == ["vmc-jax", "train", "--config", "configs/vmc.py:car_forest", "--workdir"]
+    assert train[-1] == "--config.train.steps=5"
+    install, train = dry_run("gpu/vmc_gpus.sh", COORDINATOR="h0:1234", NUM_PROCESSES="2", PROCESS_ID="1",
+                             INSTALL="1")
+    assert install[:3] == ["pip", "install", "-q"] and "jax[cuda12]" in install
+    assert {"--coordinator=h0:1234", "--num_processes=2", "--process_id=1"} <= set(train)
