@@ -61,6 +61,7 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
     config.validation = ml_collections.ConfigDict()
     config.validation.prompts = validation_prompts
     config.validation.every = 100  # 0: no validation samples
+    config.validation.stages = ["keyframes"]  # cascade stages of validation samples (see config.cascade)
 
     config.inversion = ml_collections.ConfigDict()
     config.inversion.steps = 75

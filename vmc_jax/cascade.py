@@ -13,8 +13,8 @@ static, so it compiles once per shape; the denoising loop is one ``lax.scan`` (`
 Random draws follow the reference, where every window is a pipeline call re-seeded to the same
 seed: all windows share one initial noise, one noise augmentation and one per-step noise draw.
 Pass ``rng`` (a PRNG key) or, to reproduce another implementation's draws, ``noise``
-(a ``StageNoise``). The sampler update runs per frame (``(windows * frames, h, w, c)``), as the
-Show-1 pipelines reshape before ``scheduler.step``: thresholding takes its quantile per frame.
+(a ``StageNoise``). Dynamic thresholding takes its quantile per frame (``schedulers.step`` does
+so for video samples), as the Show-1 pipelines do by reshaping before ``scheduler.step``.
 """
 
 from __future__ import annotations
@@ -76,16 +76,11 @@ def stage_step_inputs(scheduler: Scheduler, num_inference_steps: int, first_step
     return inputs._replace(second_order=np.where(np.arange(len(inputs.t)) == 0, False, inputs.second_order))
 
 
-def _per_frame(x: jax.Array) -> jax.Array:
-    """``(windows, [frames,] h, w, c)`` -> ``(windows * frames, h, w, c)``: the batch `scheduler.step` sees."""
-    return x.reshape(-1, *x.shape[-3:])
-
-
 @functools.partial(jax.jit, static_argnames=("scheduler", "denoise_fn", "num_inference_steps", "first_step"))
 def sample_stage(scheduler: Scheduler, denoise_fn: sampling.DenoiseFn, x_T: jax.Array, num_inference_steps: int,
                  first_step: int = 0, rng: jax.Array | None = None, step_noise: jax.Array | None = None,
                  denoise_args: tuple = ()) -> jax.Array:
-    """Denoises ``x_T`` ``(windows, *item)`` in one ``lax.scan``; the update runs per frame.
+    """Denoises ``x_T`` ``(windows, *item)`` in one ``lax.scan`` (thresholding per frame, see `schedulers`).
 
     Per-step noise is one draw of shape ``item`` shared by all windows: from ``rng``, or given as
     ``step_noise`` ``(steps, *item)``. ``first_step`` skips the run's first steps (img2img strength).
@@ -106,12 +101,11 @@ def sample_stage(scheduler: Scheduler, denoise_fn: sampling.DenoiseFn, x_T: jax.
         model_output = denoise_fn(x, step_inputs.t, *denoise_args)
         if draw is not None:
             draw = jax.random.normal(draw, item, jnp.float32) if step_noise is None else draw
-            draw = _per_frame(jnp.broadcast_to(draw, x.shape))
-        flat, state = schedulers.step(scheduler, _per_frame(model_output), _per_frame(x), step_inputs, state, draw)
-        return (flat.reshape(x.shape), state), None
+            draw = jnp.broadcast_to(draw, x.shape)
+        return schedulers.step(scheduler, model_output, x, step_inputs, state, draw), None
 
     x = x_T.astype(jnp.float32)
-    (x, _), _ = jax.lax.scan(body, (x, schedulers.init_state(scheduler, _per_frame(x))), (inputs, draws))
+    (x, _), _ = jax.lax.scan(body, (x, schedulers.init_state(scheduler, x)), (inputs, draws))
     return x
 
 

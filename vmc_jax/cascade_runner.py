@@ -109,6 +109,14 @@ def check_sizes(config: ml_collections.ConfigDict, stages: list[str], num_frames
                                  f"which config.cascade.{field}'s models need")
 
 
+def checked_stages(config: ml_collections.ConfigDict, stages: list[str] | None) -> list[str]:
+    """``requested_stages``, with their folders and the config's clip size checked: call before sampling."""
+    stages = requested_stages(config, stages)
+    check_stage_folders(config, stages)
+    check_sizes(config, stages, config.data.num_frames, config.data.height, config.data.width)
+    return stages
+
+
 def _stage_unet(folder: str) -> tuple[Any, Any, schedulers.Scheduler]:
     """A stage's UNet (params placed on the device once, for all its windows) and its scheduler."""
     model, params = load_unet(os.path.join(folder, "unet"), dtype=np.float32)

@@ -120,6 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     """Runs (or resumes) the tuning job in ``workdir``; returns the final train state."""
     job = Job(config, workdir)
     c = config
+    stages = cascade_runner.checked_stages(c, list(c.validation.stages))
     checkpoints.write_text_atomic(os.path.join(workdir, "config.json"), c.to_json(indent=2))
     texts = job.embeddings([job.train_prompt, "", c.sampling.negative_prompt, *c.validation.prompts])
     clip = job.clip()
@@ -160,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         if c.validation.every and (done % c.validation.every == 0 or done == c.train.steps):
             params = training.merge_params(state.tuned, frozen)
             job.generate(params, clip, texts, list(c.validation.prompts),
-                         os.path.join(workdir, "samples", f"step_{done}"))
+                         os.path.join(workdir, "samples", f"step_{done}"), stages)
     job.checkpoints.wait()
     return state
 
@@ -187,9 +188,7 @@ def generate_prompts(config: ml_collections.ConfigDict, workdir: str, prompt_lis
     cascade ``stages`` (default: keyframes and every stage whose folder config.cascade gives)."""
     if not prompt_list:
         raise ValueError("no prompt given (--prompt)")
-    stages = cascade_runner.requested_stages(config, stages)
-    cascade_runner.check_stage_folders(config, stages)
-    cascade_runner.check_sizes(config, stages, config.data.num_frames, config.data.height, config.data.width)
+    stages = cascade_runner.checked_stages(config, stages)
     job = Job(config, workdir)
     _, frozen = training.split_params(job.params, config.train.tuned_params)
     params = jax.device_put(training.merge_params(job.tuned_params(), frozen))
