@@ -1,9 +1,10 @@
 """The ``vmc-jax`` command.
 
     vmc-jax convert SRC DST [--overwrite]         hub pipeline or model folder -> Flax checkpoints
-    vmc-jax tiny-pipeline DST                     write a small random Show-1 pipeline (hub format)
+    vmc-jax tiny-pipeline DST [STAGES_DST]        write a small random Show-1 pipeline (hub format),
+                                                  and tiny pipelines of the later cascade stages
     vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...]
-    vmc-jax generate --workdir W --prompt "..." [--prompt "..."]   keyframes with the tuned weights
+    vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--stages keyframes,interpolation,sr1,sr2]
     vmc-jax export --workdir W --out FILE.safetensors              the tuned delta, PyTorch names
 """
 
@@ -59,11 +60,13 @@ def main(argv: list[str]) -> None:
 
         convert(*args, overwrite=_OVERWRITE.value)
     elif command == "tiny-pipeline":
-        if len(args) != 1:
-            raise app.UsageError("usage: vmc-jax tiny-pipeline DST")
-        from vmc_jax.tiny_pipeline import make_tiny_pipeline
+        if len(args) not in (1, 2):
+            raise app.UsageError("usage: vmc-jax tiny-pipeline DST [STAGES_DST]")
+        from vmc_jax.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
 
         print(make_tiny_pipeline(args[0]))
+        for path in make_tiny_cascade(args[1]).values() if len(args) == 2 else ():
+            print(path)
     elif command == "train":
         from vmc_jax.train import train_and_evaluate
 
