@@ -9,7 +9,6 @@ errors); the batched interpolation equals the windows run one by one to 1e-5.
 import hashlib
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

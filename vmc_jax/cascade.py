@@ -151,8 +151,8 @@ def _draw(rng: jax.Array | None, noise: StageNoise | None, init_shape: tuple, au
     if noise is not None:
         if noise.init.shape != init_shape:
             raise ValueError(f"noise.init has shape {noise.init.shape}, expected {init_shape}")
-        if augmentation_shape is not None and (noise.augmentation is None or noise.augmentation.shape != augmentation_shape):
-            shape = None if noise.augmentation is None else noise.augmentation.shape
+        shape = None if noise.augmentation is None else noise.augmentation.shape
+        if augmentation_shape is not None and shape != augmentation_shape:
             raise ValueError(f"noise.augmentation has shape {shape}, expected {augmentation_shape}")
         return noise.init, noise.augmentation, None, noise.steps
     init_key, augmentation_key, step_key = jax.random.split(rng, 3)

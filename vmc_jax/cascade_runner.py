@@ -44,7 +44,8 @@ def requested_stages(config: ml_collections.ConfigDict, stages: list[str] | None
     if unknown:
         raise ValueError(f"--stages: unknown stage(s) {unknown}; expected some of {list(STAGES)}")
     if stages[0] != "keyframes" or sorted(stages, key=STAGES.index) != list(stages) or len(set(stages)) != len(stages):
-        raise ValueError(f"--stages {','.join(stages)}: must start with keyframes and follow the order {','.join(STAGES)}")
+        raise ValueError(f"--stages {','.join(stages)}: must start with keyframes and follow the order "
+                         f"{','.join(STAGES)}")
     for stage in stages[1:]:
         for field in STAGE_FOLDERS[stage]:
             if not folders[field]:

@@ -14,12 +14,15 @@ saved too, so the JAX stages can be fed the same noise. The loops around the pip
 those of Show-1's ``run_inference.py``: 7 interpolation windows re-seeded alike, sr1 windows of
 8 frames with stride 7 each anchored on its first frame. No reference code is copied here.
 
-    PYTHONPATH=. .venv/bin/python -c "from vmc_jax.tiny_pipeline import make_tiny_cascade as m; m('/tmp/cascade')"
+    vmc-jax tiny-pipeline /tmp/base /tmp/cascade
     /work/refenv/bin/python weights_conversion/make_cascade_fixtures.py --show1-src /path/to/Show-1 \\
         --pipelines /tmp/cascade --out tests/fixtures/cascade
 
-The reference runs in float64 (the weights and inputs are float32 values). Writes ``OUT/<stage>.npz`` (channels last, float32) with the stage's inputs, noise and output,
-and ``weights_sha256`` of the UNet weights it ran (a test re-making the tiny pipelines checks it).
+The reference runs in float64 (the weights and inputs are float32 values). Writes
+``OUT/<stage>.npz`` (channels last, float32) with the stage's inputs, noise and output, and
+``weights_sha256`` of the UNet weights it ran (a test re-making the tiny pipelines checks it).
+The sampler settings are small (2 steps, guidance 2.0, see GUIDANCE) to keep float32 round-off
+under the tests' 1e-4.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ def main(argv=None) -> None:
     normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     os.makedirs(args.out, exist_ok=True)
     text, negative_text = normal(1, TEXT_LENGTH, 32), normal(1, TEXT_LENGTH, 32)
-    embeds = dict(prompt_embeds=torch.from_numpy(text).double(), negative_prompt_embeds=torch.from_numpy(negative_text).double())
+    embeds = dict(prompt_embeds=torch.from_numpy(text).double(),
+                  negative_prompt_embeds=torch.from_numpy(negative_text).double())
     frame_first = lambda n: np.ascontiguousarray(np.moveaxis(n, -1, -3))  # noqa: E731  (f, h, w, c) -> (f, c, h, w)
     pipes = args.pipelines
 
@@ -133,7 +137,8 @@ def main(argv=None) -> None:
         folder = os.path.join(pipes, stage)
         found = dict(scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"))
         if os.path.isdir(os.path.join(folder, "image_noising_scheduler")):
-            found["image_noising_scheduler"] = DDPMScheduler.from_pretrained(folder, subfolder="image_noising_scheduler")
+            found["image_noising_scheduler"] = DDPMScheduler.from_pretrained(
+                folder, subfolder="image_noising_scheduler")
         return found
 
     # Interpolation: 8 keyframes (16x24) -> 29 frames, windows called in order as run_inference.py does.
@@ -167,7 +172,8 @@ def main(argv=None) -> None:
     pipe.scheduler.set_timesteps(STEPS)
     noise.queue = [frame_first(init[None]), frame_first(augmentation[None])]
     noise.queue += step_draws(steps_noise[:, None], pipe.scheduler.timesteps, frame_first)
-    first = pipe(image=images_to_torch(image[None]), height=32, width=32, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+    first = pipe(image=images_to_torch(image[None]), height=32, width=32, num_inference_steps=STEPS,
+                 guidance_scale=GUIDANCE,
                  noise_level=150, output_type="pt", **embeds).images
     first_frame = first[0].float().numpy().transpose(1, 2, 0)
     np.savez(os.path.join(args.out, "sr1_image.npz"), image=image, text=text, negative_text=negative_text, init=init,
@@ -187,7 +193,8 @@ def main(argv=None) -> None:
         anchor = video_to_torch(first_frame[None]) if start == 0 else video[:, :, start:start + 1]
         noise.queue = [video_to_torch(init).numpy(), video_to_torch(augmentation).numpy(), *draws]
         out = pipe(image=video_to_torch(frames[start:start + 8]), first_frame_cond=anchor, height=32, width=32,
-                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, noise_level=250, output_type="pt", **embeds).frames
+                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, noise_level=250, output_type="pt",
+                   **embeds).frames
         video[:, :, start:start + 8] = out
     np.savez(os.path.join(args.out, "sr1.npz"), frames=frames, first_frame=first_frame, text=text,
              negative_text=negative_text, init=init, augmentation=augmentation, steps=steps_noise,
@@ -206,7 +213,8 @@ def main(argv=None) -> None:
         scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"))
     pipe.enable_vae_slicing()
     noise.queue = [frame_first(posterior), frame_first(init)]
-    out = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, video=torch.from_numpy(np.moveaxis(video01, -1, 1))[None].double(),
+    video = torch.from_numpy(np.moveaxis(video01, -1, 1))[None].double()
+    out = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, video=video,
                strength=0.8, num_inference_steps=4, guidance_scale=GUIDANCE, output_type="pt").frames
     assert not noise.queue, "sr2 did not use all the queued draws"
     np.savez(os.path.join(args.out, "sr2.npz"), video01=video01, posterior=posterior, init=init,
