@@ -87,5 +87,5 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
         config.inversion.steps = 4
         config.sampling.steps = 4
         config.cascade.update(dict(interpolation_steps=2, sr1_image_steps=2, sr1_steps=2, sr2_steps=2,
-                                   sr2_height=80, sr2_width=128))
+                                   sr2_height=32, sr2_width=64))
     return config
