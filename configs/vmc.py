@@ -57,6 +57,7 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
     config.train.compute_dtype = "float32"  # or "bfloat16"
     config.train.checkpoint_every = 100
     config.train.log_every = 10
+    config.train.non_finite = "stop"  # a step with a non-finite loss or gradient: "stop" the run, or "skip" it
 
     config.validation = ml_collections.ConfigDict()
     config.validation.prompts = validation_prompts

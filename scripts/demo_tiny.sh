@@ -9,5 +9,5 @@ vmc-jax tiny-pipeline "$out/pipeline_hub"
 vmc-jax convert "$out/pipeline_hub" "$out/pipeline_flax" --overwrite
 vmc-jax train --config configs/vmc.py:tiny --workdir "$out/run" --config.pretrained="$out/pipeline_flax"
 vmc-jax generate --workdir "$out/run" --prompt "a blue square is moving on the snow"
-vmc-jax export --workdir "$out/run" --out "$out/run/vmc_delta.safetensors"
+vmc-jax export --workdir "$out/run" --out "$out/run/vmc_delta.safetensors" --overwrite
 echo "Done. Samples: $out/run/samples/, metrics: $out/run/metrics.jsonl, delta: $out/run/vmc_delta.safetensors"

@@ -51,7 +51,7 @@ def vmc_jax_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_generate_writes_every_stage(tiny, tmp_path):
     result = vmc_jax_cli("generate", f"--workdir={tmp_path / 'run'}", "--prompt=a blue square is moving",
-                         "--stages=keyframes,interpolation,sr1,sr2", *cli_flags(tiny))
+                         "--stages=keyframes,interpolation,sr1,sr2", "--allow_untuned", *cli_flags(tiny))
     assert result.returncode == 0, result.stderr[-3000:]
     sizes = {"interpolation": (29, 8, 16), "sr1": (29, 32, 64), "sr2": (29, 16, 32)}
     printed = result.stdout.split()
@@ -65,9 +65,10 @@ def test_generate_writes_every_stage(tiny, tmp_path):
 def test_wrong_stage_folder_is_refused_before_sampling(tiny, tmp_path):
     flags = [f for f in cli_flags(tiny) if not f.startswith("--config.cascade.sr1=")]
     result = vmc_jax_cli("generate", f"--workdir={tmp_path / 'run'}", "--prompt=a blue square is moving",
-                         *flags, f"--config.cascade.sr1={tiny['interpolation']}")
-    assert result.returncode != 0
-    assert f"config.cascade.sr1 = {tiny['interpolation']!r}: unet/ is a UNet3DConditionModel" in result.stderr
+                         *flags, f"--config.cascade.sr1={tiny['interpolation']}", "--allow_untuned")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(
+        f"vmc-jax: error: config.cascade.sr1 = {tiny['interpolation']!r}: unet/ is a UNet3DConditionModel")
     assert "expected a Show-1 sr1 UNet" in result.stderr
     assert not (tmp_path / "run" / "samples").exists()
 

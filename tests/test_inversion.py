@@ -9,7 +9,7 @@ import pytest
 from diffusers import DDIMScheduler
 
 from vmc_jax import inversion, sampling, schedulers
-from tests.test_unet import fixture_inputs, load_fixture
+from conftest import fixture_inputs, load_fixture
 
 RELEASED_INVERSION_CONFIG = inversion.RELEASED_INVERSION_SCHEDULER
 

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +9,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import vmc as vmc_config
+from conftest import CLIP, tiny_config
 from vmc_jax import data, schedulers, tiny_pipeline, train, training
-from vmc_jax.conversion.pipeline import convert
 from vmc_jax.loading import build_unet
 
-CLIP = os.path.join(os.path.dirname(__file__), "..", "configs", "assets", "moving_square.gif")
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
@@ -75,24 +73,6 @@ def test_loss_falls_on_a_fixed_clip(tiny):
     assert after < before - 0.01, (before, after)
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline_flax(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    hub = tiny_pipeline.make_tiny_pipeline(str(root / "hub"))
-    convert(hub, str(root / "flax"))
-    return str(root / "flax")
-
-
-def tiny_config(pretrained, steps=4):
-    config = vmc_config.get_config("tiny")
-    config.pretrained = pretrained
-    config.video = CLIP
-    config.data.num_frames, config.data.height, config.data.width = 4, 16, 32
-    config.train.steps = steps
-    config.validation.every = 0
-    return config
-
-
 def test_killed_run_resumes_bit_identical(tiny_pipeline_flax, tmp_path, monkeypatch):
     uninterrupted = train.train_and_evaluate(tiny_config(tiny_pipeline_flax), str(tmp_path / "a"))
 
@@ -120,26 +100,6 @@ def test_killed_run_resumes_bit_identical(tiny_pipeline_flax, tmp_path, monkeypa
     rows = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
     assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
     assert rows[0] == rows[1]
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("train.loss", "cosine", r"config.train.loss='cosine'; expected one of \['paper', 'official', 'l2'\]"),
-    ("inversion.method", "exact", r"config.inversion.method='exact'"),
-    ("train.steps", 0, r"config.train.steps=0 must be at least 1"),
-    ("video", "/no/such/clip.mp4", r"config.video: '/no/such/clip.mp4' does not exist"),
-])
-def test_bad_config_values_are_named(tiny_pipeline_flax, tmp_path, field, value, message):
-    config = tiny_config(tiny_pipeline_flax)
-    section, _, key = field.rpartition(".")
-    setattr(config[section] if section else config, key, value)
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
-        train.train_and_evaluate(config, str(tmp_path))
-
-
-def test_pretrained_must_be_a_converted_pipeline(tmp_path):
-    config = tiny_config(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="has no unet/"):
-        train.train_and_evaluate(config, str(tmp_path / "w"))
 
 
 def test_data_parallel_step_equals_single_device(tiny):

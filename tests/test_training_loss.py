@@ -9,7 +9,7 @@ from vmc_jax.training import motion_distillation_loss
 
 
 def numpy_losses(pred, true):
-    """DESIGN.md's statements, channels last (b, f, h, w, c), written out loop by loop."""
+    """The paper's and the released code's formulas, channels last (b, f, h, w, c), written out loop by loop."""
     dp, dt = np.diff(pred, axis=1), np.diff(true, axis=1)
     b, f = dp.shape[:2]
     paper = np.mean([

@@ -1,9 +1,13 @@
 """Parity of the Flax Show-1 UNet with golden outputs and gradients of the PyTorch reference.
 
-The fixtures (tests/fixtures/show1_*) were produced by Show-1's UNet3DConditionModel with
-diffusers 0.19.3 in fp32 on the CPU, every parameter random and rounded to fp16 (see their
-README). Measured: outputs within 1.0e-5 max abs error (keyframes 7.5e-6, interpolation
-1.0e-5, sr 9.6e-6), gradients within 4.3e-5 relative to their largest element.
+The fixtures (tests/fixtures/show1_*) were produced by weights_conversion/make_show1_fixtures.py
+from Show-1's UNet3DConditionModel with diffusers 0.19.3 in fp32 on the CPU, every parameter
+random and rounded to fp16. show1_crossattn covers Show-1's Transformer2DModel ("CrossAttn") and
+plain 3D blocks: down CrossAttnDownBlock3D x2 + DownBlock3D, mid UNetMidBlock3DCrossAttn, up
+UpBlock3D + CrossAttnUpBlock3D x2, attention_head_dim [2, 4, 8] (a head count per block), no
+encoder_hid_proj and no addition embedding. Measured: outputs within 1.0e-5 max abs error
+(keyframes 7.5e-6, interpolation 1.0e-5, sr 9.6e-6, crossattn 4.2e-6), gradients within 4.3e-5
+relative to their largest element (crossattn 5.9e-6). Tolerances: 1e-4 for both.
 """
 
 import os
@@ -16,26 +20,10 @@ import pytest
 import vmc_jax
 from vmc_jax.conversion import read_state_dict
 from vmc_jax.training import merge_params, split_params
-from tests.conftest import FIXTURES, SHOW1_FIXTURES
+from conftest import SHOW1_FIXTURES, channels_last, fixture_inputs, load_fixture
 
 OUTPUT_ATOL = 1e-4
 GRAD_RTOL = 1e-4
-
-
-def channels_last(x):
-    return jnp.asarray(np.moveaxis(x, 1, -1))
-
-
-def fixture_inputs(io):
-    labels = jnp.asarray(io["class_labels"]) if "class_labels" in io.files else None
-    return (channels_last(io["sample"]), jnp.asarray(io["timesteps"]),
-            jnp.asarray(io["encoder_hidden_states"]), labels)
-
-
-def load_fixture(name):
-    folder = os.path.join(FIXTURES, name)
-    model, params = vmc_jax.load_unet(os.path.join(folder, "unet"), dtype=np.float32)
-    return model, params, np.load(os.path.join(folder, "io.npz")), folder
 
 
 def output_and_tuned_grads(model, params, io):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from vmc_jax import checkpoints
 from vmc_jax.conversion import flax_to_torch
-from vmc_jax.loading import abstract_params
+from vmc_jax.weights import abstract_params
 from vmc_jax.models.vae import AutoencoderKL, VAEConfig
 from vmc_jax.vae import decode_latents, encode_to_latents, load_vae
 

@@ -3,17 +3,22 @@
     vmc-jax convert SRC DST [--overwrite]         hub pipeline or model folder -> Flax checkpoints
     vmc-jax tiny-pipeline DST [STAGES_DST]        write a small random Show-1 pipeline (hub format),
                                                   and tiny pipelines of the later cascade stages
-    vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...]
-    vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--stages keyframes,interpolation,sr1,sr2]
-    vmc-jax export --workdir W --out FILE.safetensors              the tuned delta, PyTorch names
+    vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...] [--strict]
+    vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--allow_untuned]   keyframes, tuned weights
+        [--stages keyframes,interpolation,sr1,sr2]      and the later cascade stages
+    vmc-jax export --workdir W --out FILE.safetensors [--overwrite]               the tuned delta, PyTorch names
+
+A user error prints one line ``vmc-jax: error: ...`` and exits with 2 (``--verbose`` adds the
+traceback); a run that diverges exits with 1.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
+import traceback
+import warnings
 
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
@@ -22,23 +27,39 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The job's folder: config, checkpoints, metrics, samples.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt to generate (repeatable).")
-_OUT = flags.DEFINE_string("out", None, "The file `export` writes.")
+_OUT = flags.DEFINE_string("out", None, "The file `export` writes (*.safetensors).")
 _STAGES = flags.DEFINE_list("stages", None, "`generate`: cascade stages, e.g. keyframes,interpolation,sr1,sr2 "
                             "(default: keyframes and every stage config.cascade gives a folder for).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`: replace existing converted components.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`, `export`: replace existing files.")
+_STRICT = flags.DEFINE_bool("strict", False, "Refuse an unreadable latest checkpoint instead of using the previous.")
+_ALLOW_UNTUNED = flags.DEFINE_bool("allow_untuned", False, "`generate`: sample with the pretrained weights "
+                                   "when the workdir has no checkpoint.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error, and all library logs.")
 
 COMMANDS = ("convert", "tiny-pipeline", "train", "generate", "export")
+USER_ERROR, RUN_FAILED = 2, 1
+
+
+def _fail(message: str, code: int = USER_ERROR) -> None:
+    print(f"vmc-jax: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _quiet_logs() -> None:
+    """No backend probing, PyTorch-missing or fork notices on a plain CPU run (``--verbose`` keeps them)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+    # orbax logs through absl: every file it writes, and each storage error several times (reported here once)
+    for name, level in (("jax", logging.WARNING), ("absl", logging.CRITICAL), ("asyncio", logging.CRITICAL)):
+        logging.getLogger(name).setLevel(level)
 
 
 def _job_config() -> ConfigDict:
     """--config if given, else the config the workdir's training run saved."""
-    if _CONFIG.value is not None:
-        return _CONFIG.value
-    path = os.path.join(_require(_WORKDIR, "workdir"), "config.json")
-    if not os.path.isfile(path):
-        raise app.UsageError(f"no --config given and no {path} (run `vmc-jax train` first)")
-    with open(path, encoding="utf-8") as f:
-        return ConfigDict(json.load(f))
+    from vmc_jax import workdir
+
+    return _CONFIG.value if _CONFIG.value is not None else workdir.load_config(_require(_WORKDIR, "workdir"))
 
 
 def _require(flag, name: str):
@@ -47,15 +68,30 @@ def _require(flag, name: str):
     return flag.value
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"usage: vmc-jax {{{','.join(COMMANDS)}}} ...; see `vmc-jax --help`")
-    command, args = argv[1], argv[2:]
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every file it writes
+def _unknown_config_override(argv: list[str]) -> str | None:
+    """The first ``--config.<field>=`` naming no config field, with the closest field, for a one-line error."""
+    from vmc_jax.job_config import FIELDS, did_you_mean
+
+    for arg in argv:
+        if arg.startswith("--config."):
+            field = arg[len("--config."):].split("=", 1)[0]
+            if field not in FIELDS:
+                return f"--config.{field}: unknown config field{did_you_mean(field, list(FIELDS))}"
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a flag error reported in one line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError) as e:
+        _fail(_unknown_config_override(argv) or str(e).strip().splitlines()[0])
+
+
+def _dispatch(command: str, args: list[str]) -> None:
     if command == "convert":
         if len(args) != 2:
-            raise app.UsageError("usage: vmc-jax convert SRC DST")
+            raise app.UsageError("usage: vmc-jax convert SRC DST [--overwrite]")
         from vmc_jax.conversion.pipeline import convert
 
         convert(*args, overwrite=_OVERWRITE.value)
@@ -72,18 +108,43 @@ def main(argv: list[str]) -> None:
 
         if _CONFIG.value is None:
             raise app.UsageError("--config is required")
-        train_and_evaluate(_CONFIG.value, _require(_WORKDIR, "workdir"))
+        train_and_evaluate(_CONFIG.value, _require(_WORKDIR, "workdir"), strict=_STRICT.value)
     elif command == "generate":
-        from vmc_jax.train import generate_prompts
+        from vmc_jax.generate import generate_prompts
 
-        for path in generate_prompts(_job_config(), _require(_WORKDIR, "workdir"), _PROMPT.value, _STAGES.value):
+        for path in generate_prompts(_job_config(), _require(_WORKDIR, "workdir"), _PROMPT.value, _STAGES.value,
+                                     allow_untuned=_ALLOW_UNTUNED.value, strict=_STRICT.value):
             print(path)
     else:
-        from vmc_jax.train import export_tuned
+        from vmc_jax.export import export_tuned
 
-        print(export_tuned(_job_config(), _require(_WORKDIR, "workdir"), _require(_OUT, "out")))
+        job_dir, out = _require(_WORKDIR, "workdir"), _require(_OUT, "out")
+        print(export_tuned(_job_config(), job_dir, out, overwrite=_OVERWRITE.value, strict=_STRICT.value))
+
+
+def main(argv: list[str]) -> None:
+    from vmc_jax.errors import JobError, TrainingDiverged
+
+    if not _VERBOSE.value:
+        _quiet_logs()
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        if len(argv) < 2 or argv[1] not in COMMANDS:
+            raise app.UsageError(f"usage: vmc-jax {{{','.join(COMMANDS)}}} ...; see `vmc-jax --help`")
+        _dispatch(argv[1], argv[2:])
+    except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:
+        if _VERBOSE.value:
+            traceback.print_exc()
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+              RUN_FAILED if isinstance(e, TrainingDiverged) else USER_ERROR)
 
 
 def run() -> None:
     """Console entry point."""
-    app.run(main, argv=sys.argv)
+    if "--verbose" not in sys.argv:
+        _quiet_logs()  # before JAX, transformers and orbax are imported
+    app.run(main, argv=sys.argv, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vmc_jax import files
+
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 
@@ -85,12 +87,11 @@ def load_clip(path: str, num_frames: int, height: int, width: int, stride: int =
 def save_video(frames: np.ndarray, path: str, fps: float = 4.0) -> None:
     """Writes ``(f, h, w, 3)`` frames in [-1, 1] as a gif or mp4 (by extension), atomically."""
     pixels = np.clip((np.asarray(frames, np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    if ext == ".gif":
-        iio.imwrite(tmp, pixels, duration=1000 / fps, loop=0)
-    elif ext == ".mp4":
-        iio.imwrite(tmp, pixels, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)
-    else:
+    ext = os.path.splitext(path)[1]
+    if ext not in (".gif", ".mp4"):
         raise ValueError(f"unsupported video extension {ext!r} in {path!r} (use .gif or .mp4)")
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        if ext == ".gif":
+            iio.imwrite(tmp, pixels, duration=1000 / fps, loop=0)
+        else:
+            iio.imwrite(tmp, pixels, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)

@@ -1,16 +1,29 @@
-"""Keyframe generation from inverted noise: guided sampling with the (tuned) keyframe UNet."""
+"""Keyframe generation: the keyframe UNet a job tunes, sampling from the inverted clip, ``vmc-jax generate``.
+
+The seam for later cascade stages is :func:`keyframe_videos`: loaded model, params and prompt
+states in, one keyframe video per prompt out.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-from vmc_jax import inversion, sampling, schedulers
+from vmc_jax import (cascade_runner, checkpoints, data, files, inversion, job_config, prompts, sampling, schedulers,
+                     training, workdir)
+from vmc_jax.errors import JobError
+from vmc_jax.loading import load_unet
 from vmc_jax.schedulers import Scheduler
+
+VIDEO_FORMATS = ("gif", "mp4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,3 +65,104 @@ def inversion_scheduler(model_scheduler: Scheduler, method: str, config_path: st
     if method == "official":
         return schedulers.from_config(inversion.RELEASED_INVERSION_SCHEDULER)
     return model_scheduler
+
+
+def load_keyframe_unet(config: ml_collections.ConfigDict) -> tuple[nn.Module, Any, Scheduler]:
+    """The pretrained keyframe UNet (compute dtype and remat from ``config.train``), its params and scheduler."""
+    model, params = load_unet(os.path.join(config.pretrained, "unet"), dtype=np.float32)
+    model = model.clone(dtype=job_config.COMPUTE_DTYPES[config.train.compute_dtype], remat=config.train.remat)
+    return model, params, schedulers.from_config(os.path.join(config.pretrained, "scheduler"))
+
+
+def training_clip(config: ml_collections.ConfigDict) -> np.ndarray:
+    """The clip the job tunes on, ``(f, h, w, 3)`` in [-1, 1]."""
+    d = config.data
+    return data.load_clip(config.video, d.num_frames, d.height, d.width, d.stride, d.start, d.reverse)
+
+
+def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: np.ndarray,
+                    texts: dict[str, np.ndarray], prompt_list: list[str],
+                    config: ml_collections.ConfigDict) -> list[np.ndarray]:
+    """Inverts ``clip`` with ``params``, then samples one keyframe video ``(f, h, w, 3)`` in [-1, 1] per prompt.
+
+    ``texts`` holds the encoder states of "" , the negative prompt and every prompt.
+    """
+    c = config
+    inv_scheduler = inversion_scheduler(scheduler, c.inversion.method, c.inversion.scheduler)
+    x_T = inversion.ddim_invert(model, params, clip[None], texts[""][None], inv_scheduler, c.inversion.steps,
+                                method=c.inversion.method)
+    return [np.asarray(sample_keyframes(model, params, scheduler, x_T, texts[p][None],
+                                        texts[c.sampling.negative_prompt][None], c.sampling.steps,
+                                        c.sampling.guidance, jax.random.PRNGKey(c.seed))[0], np.float32)
+            for p in prompt_list]
+
+
+def write_videos(videos: list[np.ndarray], prompt_list: list[str], out_dir: str, fps: float,
+                 overwrite: bool = False, suffix: str = "") -> list[str]:
+    """Writes each video as ``<i>_<prompt><suffix>.gif`` and ``.mp4``; unless ``overwrite``, a taken name
+    gets ``-2``..."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for i, (video, prompt) in enumerate(zip(videos, prompt_list)):
+        stem = os.path.join(out_dir, f"{i}_{_slug(prompt)}{suffix}")
+        if not overwrite:
+            stem = _unused_stem(stem)
+        for ext in VIDEO_FORMATS:
+            data.save_video(video, f"{stem}.{ext}", fps=fps)
+            written.append(f"{stem}.{ext}")
+    return written
+
+
+def _unused_stem(stem: str) -> str:
+    """``stem`` or ``stem-2``, ``stem-3``... the first for which no video format exists yet."""
+    n = 1
+    candidate = stem
+    while any(os.path.lexists(f"{candidate}.{ext}") for ext in VIDEO_FORMATS):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")[:60] or "empty"
+
+
+def write_cascade(config: ml_collections.ConfigDict, videos: list[np.ndarray], texts: dict[str, np.ndarray],
+                  prompt_list: list[str], stages: list[str], out_dir: str, overwrite: bool = False) -> list[str]:
+    """Runs the cascade ``stages`` after the keyframe ``videos``; writes ``<i>_<prompt>_<stage>.gif/.mp4``."""
+    by_stage: dict[str, list[np.ndarray]] = {}
+    for video, prompt in zip(videos, prompt_list):
+        outputs = cascade_runner.run_cascade(config, video, prompt, texts[prompt][None], texts[""][None], stages)
+        for stage, frames in outputs.items():
+            by_stage.setdefault(stage, []).append(frames)
+    return [path for stage, stage_videos in by_stage.items()
+            for path in write_videos(stage_videos, prompt_list, out_dir, config.cascade.fps, overwrite, f"_{stage}")]
+
+
+def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_list: list[str],
+                     stages: list[str] | None = None, allow_untuned: bool = False, strict: bool = False) -> list[str]:
+    """``vmc-jax generate``: keyframe videos for ``prompt_list`` with the run's tuned weights, then the
+    cascade ``stages`` (default: keyframes and every stage config.cascade gives a folder for); returns the files.
+
+    Without a checkpoint it refuses, unless ``allow_untuned`` (then the pretrained weights are used).
+    """
+    if not prompt_list:
+        raise ValueError("no prompt given (--prompt)")
+    job_config.validate_config(config)
+    stages = cascade_runner.checked_stages(config, stages)  # before any sampling
+    store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict)
+    step, state = store.restore_latest()
+    if step is None and not allow_untuned:
+        raise JobError(f"no checkpoint in {store.directory}: run `vmc-jax train` first, "
+                       "or pass --allow_untuned to sample with the pretrained weights")
+    model, params, scheduler = load_keyframe_unet(config)
+    tuned, frozen = training.split_params(params, config.train.tuned_params)
+    if step is None:
+        logging.warning("no checkpoint: sampling with the untuned pretrained weights (--allow_untuned)")
+    params = jax.device_put(training.merge_params(tuned if step is None else state["tuned"], frozen))
+    texts = prompts.embed_prompts(config.pretrained, ["", config.sampling.negative_prompt, *prompt_list], job_dir)
+    videos = keyframe_videos(model, params, scheduler, training_clip(config), texts, prompt_list, config)
+    del params  # the keyframe weights are not held while the later stages run
+    out_dir = workdir.samples_dir(job_dir, f"generate_{step or 0}")
+    return (write_videos(videos, prompt_list, out_dir, config.sampling.fps)
+            + write_cascade(config, videos, texts, prompt_list, stages, out_dir))

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vmc_jax import text
+from vmc_jax import files, text
 
 # Words that start the description of a scene ("... in the forest", "... on the snow").
 _SCENE_WORDS = ("in", "on", "at", "through", "under", "over", "above", "across", "along", "near", "into",
@@ -52,7 +52,6 @@ def embed_prompts(pretrained: str, prompts: Sequence[str], cache_dir: str) -> di
         cached.update({_key(pretrained, p): np.asarray(h, np.float32) for p, h in zip(missing, hidden)})
         del encoder, params
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **cached)
-        os.replace(tmp, path)
+        with files.atomic_path(path) as tmp:
+            np.savez(tmp, **cached)
     return {p: cached[_key(pretrained, p)] for p in prompts}

@@ -9,6 +9,7 @@ A hub folder is a transformers model folder: ``config.json`` plus ``model.safete
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from vmc_jax import checkpoints
-from vmc_jax.loading import load_params, model_config
+from vmc_jax.weights import load_params, model_config
 from vmc_jax.models.clip import CLIPTextEncoder
 from vmc_jax.models.t5 import T5Encoder
 
@@ -93,12 +94,17 @@ def encode_prompts(
     ``clean_caption=False`` preprocessing), padded to ``max_length``, and the padding is masked
     inside the encoder. CLIP (diffusers' text-to-video pipelines): padded to ``max_length`` and
     encoded without a mask, as those pipelines do when the config has no ``use_attention_mask``;
-    the tokenizer's mask is still returned.
+    the tokenizer's mask is still returned. A prompt longer than ``max_length`` tokens is
+    truncated, with a warning.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     is_t5 = isinstance(encoder, T5Encoder)
     if is_t5:
         prompts = [p.lower().strip() for p in prompts]
+    for prompt, ids in zip(prompts, tokenizer(prompts, add_special_tokens=True)["input_ids"]):
+        if len(ids) > max_length:
+            logging.warning("prompt %r is %d tokens; the text encoder reads only the first %d",
+                            prompt[:60] + ("..." if len(prompt) > 60 else ""), len(ids), max_length)
     tokens = tokenizer(
         prompts, padding="max_length", max_length=max_length, truncation=True,
         add_special_tokens=True, return_tensors="np",

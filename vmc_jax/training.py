@@ -127,9 +127,10 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
     ``clips`` ``(b, f, h, w, c)`` in [-1, 1]; ``text`` ``(b or 1, L, d)``; ``weights`` ``(b,)``
     weigh the loss (0 for batch padding). Per clip a timestep t ~ U{0..T-1} and noise ~ N(0, I)
     give x_t; the model runs in train mode (temporal-conv dropout); the loss compares the first
-    ``c`` output channels with the noise. The state is donated, so its buffers are updated in place.
-    ``per_clip``: several independent problems at once (see :func:`init_per_clip`): state, clips,
-    text and weights carry a leading clip axis, the frozen weights are shared.
+    ``c`` output channels with the noise. A step whose loss or gradients are not finite changes
+    no parameter and reports ``finite=False``. The state is donated, so its buffers are updated
+    in place. ``per_clip``: several independent problems at once (see :func:`init_per_clip`):
+    state, clips, text and weights carry a leading clip axis, the frozen weights are shared.
     """
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"unknown motion distillation loss {loss_kind!r}; expected one of {LOSS_KINDS}")
@@ -149,9 +150,14 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
             return motion_distillation_loss(out[..., :channels], noise, loss_kind, weights)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.tuned)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.tuned)
         tuned = optax.apply_updates(state.tuned, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        # a non-finite step leaves params and optimizer state as they were (the loop decides what then)
+        tuned, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                        (tuned, opt_state), (state.tuned, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         return TrainState(state.step + 1, tuned, opt_state, rng), metrics
 
     if not per_clip:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.loading import load_params, model_config
+from vmc_jax.weights import load_params, model_config
 from vmc_jax.models.vae import AutoencoderKL, VAEConfig
 
 VAE_WEIGHTS = ("diffusion_pytorch_model",)

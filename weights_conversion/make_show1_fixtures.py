@@ -15,7 +15,7 @@ No reference code is copied here: the script only imports ``showone.models.unet_
 from ``--show1-src``, builds a ``UNet3DConditionModel`` from a small config, and records what
 it computes.
 
-What it writes (the layout of the Show-1 fixtures described in shared/fixtures/show1/README.md)::
+What it writes (the layout of the Show-1 fixtures in tests/fixtures/show1_*)::
 
     OUT/unet/config.json
     OUT/unet/diffusion_pytorch_model.fp16.safetensors    every parameter random, stored in fp16

@@ -60,25 +60,52 @@ _SAFETENSORS_DTYPES = {
 
 
 def _read_safetensors(path: str) -> LazyStateDict:
-    """Memory-maps a safetensors file (any dtype, bf16 included) without copying it into memory."""
+    """Memory-maps a safetensors file (any dtype, bf16 included) without copying it into memory.
+
+    The header is checked against the file first: its length, each tensor's dtype, shape and
+    byte range, so a truncated or corrupt file is refused naming the file and the tensor.
+    """
+    file_size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
+            if file_size < 8 or header_size > file_size - 8:
+                raise ValueError(f"header length {header_size} but the file has {file_size} bytes (truncated or "
+                                 "not a safetensors file)")
             header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read safetensors header of {path!r}: {e}") from e
     header.pop("__metadata__", None)
     data_start = 8 + header_size
+    for name, entry in header.items():
+        _check_tensor_entry(path, name, entry, file_size - data_start)
 
     def load(name: str) -> np.ndarray:
         entry = header[name]
-        if entry["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,))
         return data.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     return {name: functools.partial(load, name) for name in header}
+
+
+def _check_tensor_entry(path: str, name: str, entry: object, data_size: int) -> None:
+    """Raises a ValueError naming ``path`` and tensor ``name`` if its header entry does not fit the file."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{path!r}: tensor {name!r} has a malformed header entry {entry!r}") from e
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {dtype}")
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+    if not 0 <= begin <= end or end - begin != expected:
+        raise ValueError(f"{path!r}: tensor {name!r} of shape {shape} ({dtype}) needs {expected} bytes, "
+                         f"its header gives bytes {begin}..{end}")
+    if end > data_size:
+        raise ValueError(f"{path!r}: tensor {name!r} ends at byte {end} of the data, which has only {data_size} "
+                         "bytes (truncated file?)")
 
 
 def _read_torch_bin(path: str) -> LazyStateDict:
