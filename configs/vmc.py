@@ -10,6 +10,7 @@ The argument picks one of the release's example clips (settings of the official 
 
 import ml_collections
 
+from vmc_jax.cascade_runner import cascade_config
 from vmc_jax.training import TEMPORAL_ATTENTION_QKV
 
 # clip -> (training prompt, validation prompts), as in the released configs.
@@ -65,6 +66,7 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
     config.validation = ml_collections.ConfigDict()
     config.validation.prompts = validation_prompts
     config.validation.every = 100  # 0: no validation samples
+    config.validation.stages = ["keyframes"]  # cascade stages of validation samples (see config.cascade)
 
     config.inversion = ml_collections.ConfigDict()
     config.inversion.steps = 75
@@ -77,6 +79,8 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
     config.sampling.negative_prompt = ""
     config.sampling.fps = 4.0
 
+    config.cascade = cascade_config()  # the stages after the keyframes: pipeline folders and settings
+
     if arg == "tiny":
         config.pretrained = "workdirs/tiny/pipeline_flax"
         config.video = "configs/assets/moving_square.gif"
@@ -87,4 +91,6 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
         config.validation.every = 4
         config.inversion.steps = 4
         config.sampling.steps = 4
+        config.cascade.update(dict(interpolation_steps=2, sr1_image_steps=2, sr1_steps=2, sr2_steps=2,
+                                   sr2_height=32, sr2_width=64))
     return config

@@ -1,9 +1,11 @@
 """The ``vmc-jax`` command.
 
     vmc-jax convert SRC DST [--overwrite]         hub pipeline or model folder -> Flax checkpoints
-    vmc-jax tiny-pipeline DST                     write a small random Show-1 pipeline (hub format)
+    vmc-jax tiny-pipeline DST [STAGES_DST]        write a small random Show-1 pipeline (hub format),
+                                                  and tiny pipelines of the later cascade stages
     vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...] [--strict]
     vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--allow_untuned]   keyframes, tuned weights
+        [--stages keyframes,interpolation,sr1,sr2]      and the later cascade stages
     vmc-jax export --workdir W --out FILE.safetensors [--overwrite]               the tuned delta, PyTorch names
     vmc-jax train ... --coordinator=HOST:PORT --num_processes=N --process_id=I   one of N processes
     vmc-jax train ... --multihost                 on a TPU VM slice, where JAX finds the other hosts
@@ -28,6 +30,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The job's folder: config, checkpoints, metrics, samples.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt to generate (repeatable).")
 _OUT = flags.DEFINE_string("out", None, "The file `export` writes (*.safetensors).")
+_STAGES = flags.DEFINE_list("stages", None, "`generate`: cascade stages, e.g. keyframes,interpolation,sr1,sr2 "
+                            "(default: keyframes and every stage config.cascade gives a folder for).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`, `export`: replace existing files.")
 _STRICT = flags.DEFINE_bool("strict", False, "Refuse an unreadable latest checkpoint instead of using the previous.")
 _ALLOW_UNTUNED = flags.DEFINE_bool("allow_untuned", False, "`generate`: sample with the pretrained weights "
@@ -104,11 +108,13 @@ def _dispatch(command: str, args: list[str]) -> None:
 
         convert(*args, overwrite=_OVERWRITE.value)
     elif command == "tiny-pipeline":
-        if len(args) != 1:
-            raise app.UsageError("usage: vmc-jax tiny-pipeline DST")
-        from vmc_jax.tiny_pipeline import make_tiny_pipeline
+        if len(args) not in (1, 2):
+            raise app.UsageError("usage: vmc-jax tiny-pipeline DST [STAGES_DST]")
+        from vmc_jax.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
 
         print(make_tiny_pipeline(args[0]))
+        for path in make_tiny_cascade(args[1]).values() if len(args) == 2 else ():
+            print(path)
     elif command == "train":
         from vmc_jax.train import train_and_evaluate
 
@@ -118,7 +124,7 @@ def _dispatch(command: str, args: list[str]) -> None:
     elif command == "generate":
         from vmc_jax.generate import generate_prompts
 
-        for path in generate_prompts(_job_config(), _require(_WORKDIR, "workdir"), _PROMPT.value,
+        for path in generate_prompts(_job_config(), _require(_WORKDIR, "workdir"), _PROMPT.value, _STAGES.value,
                                      allow_untuned=_ALLOW_UNTUNED.value, strict=_STRICT.value):
             print(path)
     else:

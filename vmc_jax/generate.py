@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vmc_jax import checkpoints, data, inversion, job_config, prompts, sampling, schedulers, training, workdir
+from vmc_jax import (cascade_runner, checkpoints, data, inversion, job_config, prompts, sampling, schedulers,
+                     training, workdir)
 from vmc_jax.errors import JobError
 from vmc_jax.loading import load_unet
 from vmc_jax.schedulers import Scheduler
@@ -97,12 +98,13 @@ def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: n
 
 
 def write_videos(videos: list[np.ndarray], prompt_list: list[str], out_dir: str, fps: float,
-                 overwrite: bool = False) -> list[str]:
-    """Writes each video as ``<i>_<prompt>.gif`` and ``.mp4``; unless ``overwrite``, a taken name gets ``-2``..."""
+                 overwrite: bool = False, suffix: str = "") -> list[str]:
+    """Writes each video as ``<i>_<prompt><suffix>.gif`` and ``.mp4``; unless ``overwrite``, a taken name
+    gets ``-2``..."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for i, (video, prompt) in enumerate(zip(videos, prompt_list)):
-        stem = os.path.join(out_dir, f"{i}_{_slug(prompt)}")
+        stem = os.path.join(out_dir, f"{i}_{_slug(prompt)}{suffix}")
         if not overwrite:
             stem = _unused_stem(stem)
         for ext in VIDEO_FORMATS:
@@ -125,15 +127,29 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")[:60] or "empty"
 
 
+def write_cascade(config: ml_collections.ConfigDict, videos: list[np.ndarray], texts: dict[str, np.ndarray],
+                  prompt_list: list[str], stages: list[str], out_dir: str, overwrite: bool = False) -> list[str]:
+    """Runs the cascade ``stages`` after the keyframe ``videos``; writes ``<i>_<prompt>_<stage>.gif/.mp4``."""
+    by_stage: dict[str, list[np.ndarray]] = {}
+    for video, prompt in zip(videos, prompt_list):
+        outputs = cascade_runner.run_cascade(config, video, prompt, texts[prompt][None], texts[""][None], stages)
+        for stage, frames in outputs.items():
+            by_stage.setdefault(stage, []).append(frames)
+    return [path for stage, stage_videos in by_stage.items()
+            for path in write_videos(stage_videos, prompt_list, out_dir, config.cascade.fps, overwrite, f"_{stage}")]
+
+
 def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_list: list[str],
-                     allow_untuned: bool = False, strict: bool = False) -> list[str]:
-    """``vmc-jax generate``: keyframe videos for ``prompt_list`` with the run's tuned weights; returns the files.
+                     stages: list[str] | None = None, allow_untuned: bool = False, strict: bool = False) -> list[str]:
+    """``vmc-jax generate``: keyframe videos for ``prompt_list`` with the run's tuned weights, then the
+    cascade ``stages`` (default: keyframes and every stage config.cascade gives a folder for); returns the files.
 
     Without a checkpoint it refuses, unless ``allow_untuned`` (then the pretrained weights are used).
     """
     if not prompt_list:
         raise ValueError("no prompt given (--prompt)")
     job_config.validate_config(config)
+    stages = cascade_runner.checked_stages(config, stages)  # before any sampling
     store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict)
     step, state = store.restore_latest()
     if step is None and not allow_untuned:
@@ -146,5 +162,7 @@ def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_lis
     params = jax.device_put(training.merge_params(tuned if step is None else state["tuned"], frozen))
     texts = prompts.embed_prompts(config.pretrained, ["", config.sampling.negative_prompt, *prompt_list], job_dir)
     videos = keyframe_videos(model, params, scheduler, training_clip(config), texts, prompt_list, config)
-    return write_videos(videos, prompt_list, workdir.samples_dir(job_dir, f"generate_{step or 0}"),
-                        config.sampling.fps)
+    del params  # the keyframe weights are not held while the later stages run
+    out_dir = workdir.samples_dir(job_dir, f"generate_{step or 0}")
+    return (write_videos(videos, prompt_list, out_dir, config.sampling.fps)
+            + write_cascade(config, videos, texts, prompt_list, stages, out_dir))

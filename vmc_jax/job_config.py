@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vmc_jax import checkpoints, inversion, training
+from vmc_jax.cascade_runner import STAGES
 from vmc_jax.models.unet_config import UNetConfig
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.compute_dtype -> dtype
@@ -89,6 +90,15 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "inversion.scheduler": _optional_path,
     "sampling.steps": _at_least(1), "sampling.guidance": _of_type(int, float),
     "sampling.negative_prompt": _of_type(str), "sampling.fps": _above(0),
+    "validation.stages": lambda v: None if isinstance(v, (list, tuple)) and set(v) <= set(STAGES)
+    else f"must be a list of stages among {list(STAGES)}",
+    **{f"cascade.{stage}": _of_type(str) for stage in ("interpolation", "sr1_image", "sr1", "sr2")},
+    **{f"cascade.{stage}_steps": _at_least(1) for stage in ("interpolation", "sr1_image", "sr1", "sr2")},
+    **{f"cascade.{stage}_guidance": _of_type(int, float) for stage in ("interpolation", "sr1_image", "sr1", "sr2")},
+    "cascade.sr1_image_noise_level": _within(0, 1000), "cascade.sr1_noise_level": _within(0, 1000),
+    "cascade.sr1_window": _at_least(2), "cascade.sr1_stride": _at_least(1), "cascade.sr1_scale": _at_least(1),
+    "cascade.sr2_strength": _above(0), "cascade.sr2_height": _at_least(1), "cascade.sr2_width": _at_least(1),
+    "cascade.sr2_negative_prompt": _of_type(str), "cascade.fps": _above(0),
     "pretrained": _path, "video": _path,  # last: a bad value elsewhere is named even with the default paths
 }
 

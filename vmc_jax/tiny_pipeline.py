@@ -248,3 +248,165 @@ def _write_json(path: str, content: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+# The cascade's other stages, shrunk like UNET_CONFIG. Pixel UNets take noisy + condition channels.
+INTERPOLATION_UNET_CONFIG = {**UNET_CONFIG, "in_channels": 7}  # noisy 3 + condition 3 + mask 1
+SR1_UNET_CONFIG = {**UNET_CONFIG, "in_channels": 6, "class_embed_type": "timestep"}  # noisy 3 + upscaled 3
+# DeepFloyd IF-II's UNet2DConditionModel (its block types and embeddings), shrunk.
+IF_II_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.19.3",
+    "act_fn": "gelu",
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 4,
+    "attention_head_dim": 16,
+    "block_out_channels": [32, 32],
+    "class_embed_type": "timestep",
+    "cross_attention_dim": 32,
+    "cross_attention_norm": "group_norm",
+    "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+    "encoder_hid_dim": T5_D_MODEL,
+    "encoder_hid_dim_type": "text_proj",
+    "in_channels": 6,
+    "layers_per_block": 1,
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "norm_num_groups": 32,
+    "out_channels": 6,
+    "resnet_out_scale_factor": math.sqrt(2.0),
+    "resnet_skip_time_act": True,
+    "resnet_time_scale_shift": "scale_shift",
+    "sample_size": 16,
+    "time_embedding_act_fn": "gelu",
+    "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+}
+CLIP_D_MODEL = 32
+# zeroscope's (ModelScope) UNet3DConditionModel, shrunk; it attends to CLIP text states.
+SR2_UNET_CONFIG = {
+    "_class_name": "UNet3DConditionModel",
+    "_diffusers_version": "0.19.3",
+    "attention_head_dim": 8,
+    "block_out_channels": [32, 32],
+    "cross_attention_dim": CLIP_D_MODEL,
+    "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+    "in_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,  # as released; diffusers 0.19.3 builds transformer_in with 32 groups whatever this is
+    "out_channels": 4,
+    "sample_size": 16,
+    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"],
+}
+VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.19.3",
+    "act_fn": "silu",
+    "block_out_channels": [32, 32],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "out_channels": 3,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+}
+CLIP_CONFIG = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "hidden_act": "quick_gelu",
+    "hidden_size": CLIP_D_MODEL,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": CLIP_D_MODEL,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+}
+# The SR stages' noise augmentation schedule (DeepFloyd IF's image_noising_scheduler).
+NOISING_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, "beta_schedule": "squaredcos_cap_v2", "thresholding": False,
+                            "variance_type": "fixed_small"}
+# zeroscope's DDIM schedule (Stable Diffusion's scaled-linear betas).
+SR2_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.19.3",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+STAGE_PIPELINES = {  # stage -> pipeline class, as in each released pipeline's model_index.json
+    "interpolation": "TextToVideoIFInterpPipeline",
+    "sr1_image": "IFSuperResolutionPipeline",
+    "sr1": "TextToVideoIFSuperResolutionPipeline_Cond",
+    "sr2": "VideoToVideoSDPipeline",
+}
+
+
+def make_tiny_cascade(folder: str, seed: int = 10) -> dict[str, str]:
+    """Writes tiny random pipelines of the stages after the keyframes into ``folder/<stage>``
+    (hub format, the released folder layouts); returns ``{stage: folder}``.
+
+    The pixel stages hold ``unet/`` and ``scheduler/`` (SR stages also ``image_noising_scheduler/``);
+    they take the keyframe pipeline's T5 states. sr2 holds ``unet/``, ``vae/``, ``text_encoder/``
+    (CLIP), ``tokenizer/`` and ``scheduler/``.
+    """
+    unets = {"interpolation": (INTERPOLATION_UNET_CONFIG, "UNet3DConditionModel"),
+             "sr1_image": (IF_II_UNET_CONFIG, "UNet2DConditionModel"),
+             "sr1": (SR1_UNET_CONFIG, "UNet3DConditionModel"), "sr2": (SR2_UNET_CONFIG, "UNet3DConditionModel")}
+    paths = {}
+    for i, (stage, (config, unet_class)) in enumerate(unets.items()):
+        path = paths[stage] = os.path.join(folder, stage)
+        _write_model(os.path.join(path, "unet"), config, build_unet(config),
+                     "diffusion_pytorch_model.safetensors", seed + i)
+        index = {"_class_name": STAGE_PIPELINES[stage], "_diffusers_version": "0.19.3",
+                 "unet": ["diffusers", unet_class], "scheduler": ["diffusers", "DDPMScheduler"]}
+        if stage == "sr2":
+            _write_sr2_parts(path, seed + 10)
+            index.update(scheduler=["diffusers", "DDIMScheduler"], vae=["diffusers", "AutoencoderKL"],
+                         text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+        else:
+            _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
+        if stage.startswith("sr1"):
+            _write_json(os.path.join(path, "image_noising_scheduler", "scheduler_config.json"),
+                        NOISING_SCHEDULER_CONFIG)
+            index["image_noising_scheduler"] = ["diffusers", "DDPMScheduler"]
+        _write_json(os.path.join(path, "model_index.json"), index)
+    return paths
+
+
+def _write_sr2_parts(path: str, seed: int) -> None:
+    """sr2's VAE, CLIP text encoder, character-level CLIP tokenizer and DDIM scheduler."""
+    from vmc_jax.models.vae import AutoencoderKL, VAEConfig
+
+    vocab_size = _write_clip_tokenizer(os.path.join(path, "tokenizer"))
+    clip_config = {**CLIP_CONFIG, "vocab_size": vocab_size}
+    _write_model(os.path.join(path, "text_encoder"), clip_config, text_encoder_from_config(clip_config),
+                 "model.safetensors", seed)
+    _write_model(os.path.join(path, "vae"), VAE_CONFIG, AutoencoderKL(VAEConfig.from_dict(VAE_CONFIG)),
+                 "diffusion_pytorch_model.safetensors", seed + 1)
+    _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), SR2_SCHEDULER_CONFIG)
+
+
+def _write_clip_tokenizer(folder: str) -> int:
+    """Saves a CLIP BPE tokenizer with one piece per character (no merges); returns its size."""
+    from transformers import CLIPTokenizer  # heavy import, needed only here
+
+    characters = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = ["<|startoftext|>", "<|endoftext|>"] + list(characters) + [c + "</w>" for c in characters]
+    os.makedirs(folder, exist_ok=True)
+    vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    _write_json(vocab_file, {piece: i for i, piece in enumerate(pieces)})
+    with open(merges_file, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab_file, merges_file, pad_token="<|endoftext|>", model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return len(tokenizer)

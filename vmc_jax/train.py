@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from vmc_jax import checkpoints, files, generate, job_config, parallel, prompts, training, workdir
+from vmc_jax import cascade_runner, checkpoints, files, generate, job_config, parallel, prompts, training, workdir
 from vmc_jax.errors import TrainingDiverged
 
 
@@ -46,6 +46,7 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> tra
         raise ValueError(f"config.mesh.clips={c.mesh.clips}: a training job tunes one clip; "
                          "give its devices to config.mesh.data")
     logging.info("mesh: %s", parallel.describe(mesh))
+    stages = cascade_runner.checked_stages(c, list(c.validation.stages))  # before any sampling
     if main:
         workdir.save_config(job_dir, c)
     model, params, scheduler = generate.load_keyframe_unet(c)
@@ -105,9 +106,11 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> tra
             if c.validation.every and (done % c.validation.every == 0 or done == c.train.steps):
                 videos = generate.keyframe_videos(model, training.merge_params(state.tuned, frozen), scheduler, clip,
                                                   texts, list(c.validation.prompts), c)
-                if main:
-                    generate.write_videos(videos, list(c.validation.prompts),
-                                          workdir.samples_dir(job_dir, f"step_{done}"), c.sampling.fps, overwrite=True)
+                if main:  # the later stages run on the main process alone (the others wait at the next step)
+                    out_dir = workdir.samples_dir(job_dir, f"step_{done}")
+                    generate.write_videos(videos, list(c.validation.prompts), out_dir, c.sampling.fps, overwrite=True)
+                    generate.write_cascade(c, videos, texts, list(c.validation.prompts), stages, out_dir,
+                                           overwrite=True)
     finally:
         store.wait()
     if skipped:
