@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -16,7 +17,9 @@ from vmc_jax.conversion import read_state_dict
 def test_demo_script_runs_the_whole_flow(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(["bash", os.path.join(REPO, "scripts", "demo_tiny.sh"), str(out)],
-                            capture_output=True, text=True, timeout=1200, env={**os.environ, **FAST_COMPILE_ENV})
+                            capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, **FAST_COMPILE_ENV,  # this interpreter's vmc-jax first on PATH
+                                 "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
     assert result.returncode == 0, result.stderr[-3000:]
     for noise in ("Unable to initialize backend", "PyTorch was not found", "os.fork()", "Traceback"):
         assert noise not in result.stderr, result.stderr[-3000:]  # a plain CPU run is quiet

@@ -69,7 +69,7 @@ def check_stage_folders(config: ml_collections.ConfigDict, stages: list[str]) ->
                                         "hub or `vmc-jax convert` output)")
             unet_config = UNetConfig.from_dict(checkpoints.read_config(unet), source=unet)
             family, channels, expected = _EXPECTED_UNET[field]
-            in_channels = dict(unet_config.values).get("in_channels")
+            in_channels = unet_config.in_channels
             if unet_config.family != family or in_channels != channels:
                 raise ValueError(f"{where}: unet/ is a {unet_config.class_name} ({unet_config.family} family, "
                                  f"{in_channels} input channels), expected {expected}")

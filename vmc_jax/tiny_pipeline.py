@@ -237,9 +237,9 @@ def _random_leaf(path: tuple[str, ...], shape: tuple[int, ...], rng: np.random.G
     if leaf == "scale":
         return 1 + _SMALL_STDDEV * normal
     if leaf == "kernel" and layer != _LAST_TEMPORAL_CONV:
-        return normal / np.sqrt(np.prod(shape[:-1]))  # fan in: every axis but the output one
+        return normal / math.sqrt(math.prod(shape[:-1]))  # fan in: every axis but the output one
     if leaf == "embedding":
-        return normal / np.sqrt(shape[-1])
+        return normal / math.sqrt(shape[-1])
     return _SMALL_STDDEV * normal
 
 

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import save_file
 
-from vmc_jax import checkpoints, generate, prompts, schedulers, tiny_pipeline, training, world
+from vmc_jax import checkpoints, files, generate, prompts, schedulers, tiny_pipeline, training, world
 from vmc_jax.loading import load_unet, to_torch_state_dict
 
 PIPELINE = "pipeline"
@@ -75,7 +75,7 @@ def make_pipeline(config: ml_collections.ConfigDict, folder: str) -> None:
     """Writes the untrained hub-layout pipeline (random UNet and T5, world tokenizer, epsilon-only scheduler)."""
     tiny_pipeline.make_tiny_pipeline(folder, config.seed, unet_config=world_unet_config(config.model),
                                      prompts=world.all_prompts())
-    checkpoints.write_text_atomic(os.path.join(folder, "scheduler", "scheduler_config.json"),
+    files.write_text_atomic(os.path.join(folder, "scheduler", "scheduler_config.json"),
                                   json.dumps(SCHEDULER_CONFIG, indent=2, sort_keys=True))
 
 
@@ -103,10 +103,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
                 "ema": jax.tree.map(jnp.copy, tuned)}
 
     store = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"))
-    start = store.latest_step() or 0
+    resumed, run = store.restore_latest(jax.eval_shape(fresh_run, tuned))
+    start = resumed or 0
     _drop_rows_after(os.path.join(workdir, METRICS_FILE), start)  # logged by a killed run after its last checkpoint
-    if start:
-        run = store.restore(start, jax.eval_shape(fresh_run, tuned))
+    if resumed is not None:
         logging.info("resumed from step %d", start)
     else:
         run = jax.jit(fresh_run)(tuned)  # one compilation, not one per optimizer-state shape
@@ -161,7 +161,7 @@ def _drop_rows_after(path: str, step: int) -> None:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             rows = [line for line in f if json.loads(line)["step"] <= step]
-        checkpoints.write_text_atomic(path, "".join(rows))
+        files.write_text_atomic(path, "".join(rows))
 
 
 def _append_row(path: str, row: dict[str, Any]) -> None:
