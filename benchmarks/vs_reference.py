@@ -92,8 +92,10 @@ def timed(call, repeats: int) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- our side
 
-def flax_cases(folder: str, io: dict, attention_impl: str) -> dict:
-    """Compiled zero-argument callables (blocking until done), one per case."""
+def flax_cases(folder: str, io: dict, attention_impl: str, compute_dtype=None) -> dict:
+    """Compiled zero-argument callables (blocking until done), one per case, and under "_compiled"
+    the compiled programs (for ``cost_analysis``). fp32 weights; ``compute_dtype`` (e.g. bfloat16)
+    sets the dtype the layers compute in."""
     import jax
     import jax.numpy as jnp
 
@@ -102,6 +104,8 @@ def flax_cases(folder: str, io: dict, attention_impl: str) -> dict:
     from vmc_jax.loading import load_unet
 
     model, params = load_unet(folder, dtype=np.float32, attention_impl=attention_impl)
+    if compute_dtype is not None:
+        model = model.clone(dtype=compute_dtype)
     params = jax.device_put(params)
 
     def last(x):
@@ -148,6 +152,7 @@ def flax_cases(folder: str, io: dict, attention_impl: str) -> dict:
         "invert": lambda: invert(params, x1).block_until_ready(),
         "guided": lambda: guided(params, x1).block_until_ready(),
         "_forward_out": lambda: np.moveaxis(np.asarray(forward(params, x2, t2, text2)), -1, 1),
+        "_compiled": {"forward": forward, "train": train, "invert": invert, "guided": guided},
     }
 
 

@@ -3,8 +3,10 @@
     vmc-jax train --config configs/vmc.py:car_forest --workdir workdirs/car_forest \\
         --config.pretrained=checkpoints/show-1-base --config.video=videos/car_forest
 
-The argument picks one of the release's example clips (settings of the official configs) or
-"tiny", the small random pipeline of the README's demo. Every field can be overridden with
+The argument picks one of the release's example clips (settings of the official configs), "all"
+(the five tuned at once, ``config.clips``),
+"world", the README's demo on the pretrained moving-shapes world model (``vmc-jax world-pipeline``),
+or "tiny", the small random pipeline of the plumbing tests. Every field can be overridden with
 ``--config.<field>=<value>``.
 """
 
@@ -25,16 +27,24 @@ CLIPS = {
         "two spaceships are moving in space", "two goldfish are moving in the ocean"]),
 }
 
+# New appearances for the world demo's motion: other colours, shapes and backgrounds.
+WORLD_TARGETS = ["a yellow disc is moving in the sea", "a purple triangle is moving on the grass",
+                 "an orange square is moving in space", "a pink disc is moving in the desert"]
+
 
 def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
     """The config for clip ``arg`` (a key of CLIPS, or "tiny")."""
-    if arg != "tiny" and arg not in CLIPS:
-        raise ValueError(f"unknown clip {arg!r}; expected 'tiny' or one of {sorted(CLIPS)}")
+    if arg not in ("tiny", "world", "all") and arg not in CLIPS:
+        raise ValueError(f"unknown clip {arg!r}; expected 'tiny', 'world', 'all' or one of {sorted(CLIPS)}")
     config = ml_collections.ConfigDict()
     config.pretrained = "checkpoints/show-1-base"  # a folder written by `vmc-jax convert`
     config.video = f"videos/{arg}"  # a video file or a folder of frames
     config.prompt, validation_prompts = CLIPS.get(arg, ("a red square is moving", ["a blue square is moving"]))
     config.invariant_prompt = ""  # empty: derived from `prompt` by prompts.appearance_invariant
+    # Several clips tuned at once ("all": the five release clips), each with its own tuned weights and
+    # optimizer state, over the mesh's "clips" axis; each gets a one-clip job folder <workdir>/<name>.
+    # name -> {video, prompt, validation_prompts}; empty: the one clip of `video` and `prompt`.
+    config.clips = ml_collections.ConfigDict()
     config.seed = 12345
 
     config.data = ml_collections.ConfigDict(dict(num_frames=8, height=40, width=64, stride=1, start=0,
@@ -93,4 +103,20 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
         config.sampling.steps = 4
         config.cascade.update(dict(interpolation_steps=2, sr1_image_steps=2, sr1_steps=2, sr2_steps=2,
                                    sr2_height=32, sr2_width=64))
+    if arg == "all":
+        config.video = config.prompt = ""  # per clip, below
+        config.validation.prompts = []
+        for name, (prompt, targets) in CLIPS.items():
+            config.clips[name] = ml_collections.ConfigDict(dict(video=f"videos/{name}", prompt=prompt,
+                                                                validation_prompts=targets))
+    if arg == "world":  # the bundled clip: a red square zigzagging down over snow (vmc_jax.world, seed 7)
+        config.pretrained = "workdirs/world/pipeline_flax"
+        config.video = "configs/assets/world_zigzag.gif"
+        config.prompt = "a red square is moving on the snow"
+        config.validation.prompts = WORLD_TARGETS
+        config.validation.every = 0
+        config.data.update(dict(height=16, width=24))
+        config.train.update(dict(steps=200, lr=5e-4, checkpoint_every=100, log_every=50, remat=False))
+        config.inversion.steps = 25
+        config.sampling.update(dict(steps=25, guidance=4.0))
     return config

@@ -45,6 +45,7 @@ def resolve(requested, backend, q_len=LONG, k_len=LONG, head_dim=64, dtype=jnp.b
     ("cudnn", "gpu", {}, "cudnn"),
     ("cudnn", "cpu", {}, "blocked"),
     ("cudnn", "gpu", dict(has_mask=True), "xla"),
+    ("auto", "gpu", dict(q_len=640, k_len=717), "blocked"),  # odd: cuDNN has no backward (seen on an H200)
     ("pallas_tpu", "tpu", dict(dtype=jnp.float32, has_bias=True), "pallas_tpu"),
     ("pallas_tpu", "cpu", dict(q_len=8, k_len=8), "xla"),
 ])
@@ -74,7 +75,7 @@ def random_qkv(q_len, k_len, batch=2, heads=3, head_dim=8, seed=0):
 
 def output_and_grads(attention, q, k, v):
     """The output and the gradients of a random projection of it w.r.t. q, k and v."""
-    proj = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+    proj = jax.random.normal(jax.random.PRNGKey(9), q.shape, q.dtype)
     out, pullback = jax.vjp(attention, q, k, v)
     return out, pullback(proj)
 

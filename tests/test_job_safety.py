@@ -219,7 +219,7 @@ def test_a_storage_error_while_checkpointing_is_reported_once_and_briefly(tmp_pa
     ("data.num_frames", 1, r"config.data.num_frames=1 must be an integer of at least 2"),
     ("train.lr", 0.0, r"config.train.lr=0.0 must be greater than 0"),
     ("data.height", 17, r"config.data.height=17 must be divisible by 2 \(the UNet in .*unet downsamples by 2\)"),
-    ("train.loss", "cosine", r"config.train.loss='cosine' is not one of \['paper', 'official', 'l2'\]"),
+    ("train.loss", "cosine", r"config.train.loss='cosine' is not one of \['paper', 'official', 'l2', 'epsilon'\]"),
     ("inversion.method", "exact", r"config.inversion.method='exact' is not one of"),
     ("train.steps", 0, r"config.train.steps=0 must be an integer of at least 1"),
     ("train.non_finite", "ignore", r"config.train.non_finite='ignore' is not one of \['stop', 'skip'\]"),

@@ -7,6 +7,9 @@
     vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--allow_untuned]   keyframes, tuned weights
         [--stages keyframes,interpolation,sr1,sr2]      and the later cascade stages
     vmc-jax export --workdir W --out FILE.safetensors [--overwrite]               the tuned delta, PyTorch names
+    vmc-jax world-pipeline DST                    write the pretrained moving-shapes world pipeline (hub format)
+    vmc-jax evaluate --workdir W                  motion and appearance of W's newest `generate` samples
+                                                  (moving-shapes world clips and prompts)
     vmc-jax train ... --coordinator=HOST:PORT --num_processes=N --process_id=I   one of N processes
     vmc-jax train ... --multihost                 on a TPU VM slice, where JAX finds the other hosts
 
@@ -42,7 +45,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job:
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process job: this process's index.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join the multi-process job JAX discovers (TPU VM slices).")
 
-COMMANDS = ("convert", "tiny-pipeline", "train", "generate", "export")
+COMMANDS = ("convert", "tiny-pipeline", "world-pipeline", "train", "generate", "export", "evaluate")
 _joined_job = False  # whether this process is one of a multi-process job
 USER_ERROR, RUN_FAILED = 2, 1
 
@@ -82,12 +85,12 @@ def _require(flag, name: str):
 
 def _unknown_config_override(argv: list[str]) -> str | None:
     """The first ``--config.<field>=`` naming no config field, with the closest field, for a one-line error."""
-    from vmc_jax.job_config import FIELDS, did_you_mean
+    from vmc_jax.job_config import FIELDS, did_you_mean, field_check
 
     for arg in argv:
         if arg.startswith("--config."):
             field = arg[len("--config."):].split("=", 1)[0]
-            if field not in FIELDS:
+            if field_check(field) is None:
                 return f"--config.{field}: unknown config field{did_you_mean(field, list(FIELDS))}"
     return None
 
@@ -115,6 +118,19 @@ def _dispatch(command: str, args: list[str]) -> None:
         print(make_tiny_pipeline(args[0]))
         for path in make_tiny_cascade(args[1]).values() if len(args) == 2 else ():
             print(path)
+    elif command == "world-pipeline":
+        if len(args) != 1:
+            raise app.UsageError("usage: vmc-jax world-pipeline DST")
+        from vmc_jax.world_pretraining import write_pretrained_pipeline
+
+        print(write_pretrained_pipeline(args[0]))
+    elif command == "evaluate":
+        from vmc_jax.evaluation import evaluate_workdir
+
+        result = evaluate_workdir(_job_config(), _require(_WORKDIR, "workdir"))
+        for name, value in result["summary"].items():
+            print(f"{name:16} {'-' if value is None else round(value, 3)}")
+        print(f"per clip, with side-by-side gifs: {os.path.dirname(result['clips'][0]['gif'])}")
     elif command == "train":
         from vmc_jax.train import train_and_evaluate
 

@@ -278,6 +278,26 @@ def evaluate_files(input_path: str, input_prompt: str, samples: Mapping[str, str
     return evaluate_world_clips(inputs, [input_prompt] * len(samples), generated, list(samples.values()), out_dir)
 
 
+def evaluate_workdir(config: Any, job_dir: str) -> dict[str, Any]:
+    """``vmc-jax evaluate``: :func:`evaluate_files` on the newest ``generate`` samples of ``job_dir``
+    (their prompts from its samples index) against the job's clip and prompt; writes them under
+    ``job_dir/evaluation/<samples folder>``."""
+    from vmc_jax import generate, workdir  # the job layer, needed only here
+
+    samples_root = workdir.samples_dir(job_dir, "")
+    runs = sorted((d for d in os.listdir(samples_root) if d.startswith("generate_")) if os.path.isdir(samples_root)
+                  else (), key=lambda d: os.path.getmtime(os.path.join(samples_root, d)))
+    index_path = os.path.join(samples_root, runs[-1], generate.SAMPLES_INDEX) if runs else None
+    if index_path is None or not os.path.isfile(index_path):
+        raise ValueError(f"no `vmc-jax generate` samples with a {generate.SAMPLES_INDEX} in {samples_root}: "
+                         "run `vmc-jax generate --workdir ... --prompt ...` first")
+    with open(index_path, encoding="utf-8") as f:
+        samples = {os.path.join(samples_root, runs[-1], name): prompt for name, prompt in json.load(f).items()}
+    for prompt in [config.prompt, *samples.values()]:
+        world.parse_prompt(prompt)  # the measures are defined for the moving-shapes world's prompts only
+    return evaluate_files(config.video, config.prompt, samples, os.path.join(job_dir, "evaluation", runs[-1]))
+
+
 # Track colours in the gif: the input's path (cyan) on both panels, the generated one's (magenta) on its own.
 _INPUT_TRACK = (0, 230, 230)
 _GENERATED_TRACK = (230, 0, 230)

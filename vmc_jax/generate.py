@@ -7,6 +7,7 @@ states in, one keyframe video per prompt out.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -17,13 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vmc_jax import (cascade_runner, checkpoints, data, inversion, job_config, prompts, sampling, schedulers,
+from vmc_jax import (cascade_runner, checkpoints, data, files, inversion, job_config, prompts, sampling, schedulers,
                      training, workdir)
 from vmc_jax.errors import JobError
 from vmc_jax.loading import load_unet
 from vmc_jax.schedulers import Scheduler
 
 VIDEO_FORMATS = ("gif", "mp4")
+SAMPLES_INDEX = "samples.json"  # in each samples folder of `generate`: keyframe video file -> prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +143,15 @@ def write_cascade(config: ml_collections.ConfigDict, videos: list[np.ndarray], t
 
 def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_list: list[str],
                      stages: list[str] | None = None, allow_untuned: bool = False, strict: bool = False) -> list[str]:
-    """``vmc-jax generate``: keyframe videos for ``prompt_list`` with the run's tuned weights, then the
-    cascade ``stages`` (default: keyframes and every stage config.cascade gives a folder for); returns the files.
+    """``vmc-jax generate``: keyframe videos for ``prompt_list`` (default: the config's validation prompts)
+    with the run's tuned weights, then the cascade ``stages`` (default: keyframes and every stage
+    config.cascade gives a folder for); returns the files.
 
     Without a checkpoint it refuses, unless ``allow_untuned`` (then the pretrained weights are used).
     """
+    prompt_list = list(prompt_list or config.validation.prompts)
     if not prompt_list:
-        raise ValueError("no prompt given (--prompt)")
+        raise ValueError("no prompt given (--prompt), and config.validation.prompts is empty")
     job_config.validate_config(config)
     stages = cascade_runner.checked_stages(config, stages)  # before any sampling
     store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict)
@@ -164,5 +168,18 @@ def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_lis
     videos = keyframe_videos(model, params, scheduler, training_clip(config), texts, prompt_list, config)
     del params  # the keyframe weights are not held while the later stages run
     out_dir = workdir.samples_dir(job_dir, f"generate_{step or 0}")
-    return (write_videos(videos, prompt_list, out_dir, config.sampling.fps)
-            + write_cascade(config, videos, texts, prompt_list, stages, out_dir))
+    keyframes = write_videos(videos, prompt_list, out_dir, config.sampling.fps)
+    _record_prompts(out_dir, {path: prompt for path, prompt in zip(keyframes[::len(VIDEO_FORMATS)], prompt_list)})
+    return keyframes + write_cascade(config, videos, texts, prompt_list, stages, out_dir)
+
+
+def _record_prompts(out_dir: str, samples: dict[str, str]) -> None:
+    """Adds ``samples`` (keyframe video file -> its prompt) to ``out_dir``'s SAMPLES_INDEX, which
+    ``vmc-jax evaluate`` reads; file names are relative to ``out_dir``."""
+    path = os.path.join(out_dir, SAMPLES_INDEX)
+    index = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    index.update({os.path.relpath(file, out_dir): prompt for file, prompt in samples.items()})
+    files.write_text_atomic(path, json.dumps(index, indent=2) + "\n")

@@ -80,7 +80,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "train.steps": _at_least(1), "train.lr": _above(0), "train.lr_schedule": _one_of(LR_SCHEDULES),
     "train.warmup_steps": _at_least(0), "train.b1": _within(0, 1), "train.b2": _within(0, 1),
     "train.eps": _above(0), "train.weight_decay": _non_negative, "train.clip_grad_norm": _above(0),
-    "train.loss": _one_of(training.LOSS_KINDS), "train.batch_size": _at_least(1), "train.tuned_params": _regex,
+    "train.loss": _one_of(training.TRAIN_LOSS_KINDS), "train.batch_size": _at_least(1), "train.tuned_params": _regex,
     "train.remat": _of_type(bool), "train.compute_dtype": _one_of(tuple(COMPUTE_DTYPES)),
     "train.checkpoint_every": _at_least(1), "train.log_every": _at_least(1),
     "train.non_finite": _one_of(NON_FINITE_POLICIES),
@@ -103,6 +103,32 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+# config.clips.<name>.<field>: the clips of a job that tunes several at once (see clip_configs).
+CLIP_FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "video": _path, "prompt": _of_type(str), "validation_prompts": _prompt_list}
+_CLIP_FIELD = re.compile(rf"clips\.([A-Za-z0-9_-]+)\.({'|'.join(CLIP_FIELDS)})$")
+
+
+def field_check(name: str) -> Callable[[Any], str | None] | None:
+    """The check of config field ``name`` ("train.lr", "clips.car.video"...), or None for an unknown field."""
+    match = _CLIP_FIELD.match(name)
+    return CLIP_FIELDS[match[2]] if match else FIELDS.get(name)
+
+
+def clip_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """Clip name -> the one-clip job config of each of ``config.clips`` (its video, prompt and
+    validation prompts in place of the job's, one clip on the mesh); {} for a one-clip job."""
+    configs = {}
+    for name, clip in (config.get("clips") or {}).items():
+        one = ml_collections.ConfigDict(config.to_dict())
+        one.clips = ml_collections.ConfigDict()
+        one.video, one.prompt = clip.video, clip.prompt
+        one.validation.prompts = list(clip.validation_prompts)
+        one.mesh.clips = 1
+        configs[name] = one
+    return configs
+
+
 def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in config.items():
@@ -123,8 +149,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast with a ValueError naming the field and value the job would only trip over later."""
     flat = _flatten(config)
     for name in flat:
-        if name not in FIELDS:
+        if field_check(name) is None:
             raise ValueError(f"config.{name}: unknown field{did_you_mean(name, list(FIELDS))}")
+    clip_fields = [f"clips.{clip}.{field}" for clip in config.get("clips") or {} for field in CLIP_FIELDS]
+    for name in clip_fields:
+        if name not in flat:
+            raise ValueError(f"config.{name} is missing (see configs/vmc.py:all)")
+        problem = field_check(name)(flat[name])
+        if problem:
+            raise ValueError(f"config.{name}={flat[name]!r} {problem}")
+    for one in list(clip_configs(config).values()) or [config]:
+        _validate_one_clip(one)
+
+
+def _validate_one_clip(config: ml_collections.ConfigDict) -> None:
+    flat = _flatten(config)
     for name, check in FIELDS.items():
         if name not in flat:
             raise ValueError(f"config.{name} is missing (see configs/vmc.py)")

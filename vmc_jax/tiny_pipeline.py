@@ -164,9 +164,9 @@ def make_tiny_pipeline(folder: str, seed: int = 0, unet_config: dict[str, Any] =
     os.makedirs(folder, exist_ok=True)
     vocab_size = _write_tokenizer(os.path.join(folder, "tokenizer"), prompts)
     t5_config = {**T5_CONFIG, "vocab_size": vocab_size}
-    _write_model(os.path.join(folder, "text_encoder"), t5_config, text_encoder_from_config(t5_config),
+    write_random_model(os.path.join(folder, "text_encoder"), t5_config, text_encoder_from_config(t5_config),
                  "model.safetensors", seed)
-    _write_model(os.path.join(folder, "unet"), unet_config, build_unet(unet_config),
+    write_random_model(os.path.join(folder, "unet"), unet_config, build_unet(unet_config),
                  "diffusion_pytorch_model.safetensors", seed + 1)
     _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
     _write_json(os.path.join(folder, "model_index.json"), MODEL_INDEX)
@@ -210,7 +210,7 @@ def _write_tokenizer(folder: str, prompts: Sequence[str]) -> int:
     return len(tokenizer)
 
 
-def _write_model(folder: str, config: dict[str, Any], module: nn.Module, weights_name: str, seed: int) -> None:
+def write_random_model(folder: str, config: dict[str, Any], module: nn.Module, weights_name: str, seed: int) -> None:
     """Writes ``config.json`` and random weights of ``module`` under their PyTorch names (safetensors)."""
     state_dict = to_torch_state_dict(module, random_params(module, seed))
     os.makedirs(folder, exist_ok=True)
@@ -365,7 +365,7 @@ def make_tiny_cascade(folder: str, seed: int = 10) -> dict[str, str]:
     paths = {}
     for i, (stage, (config, unet_class)) in enumerate(unets.items()):
         path = paths[stage] = os.path.join(folder, stage)
-        _write_model(os.path.join(path, "unet"), config, build_unet(config),
+        write_random_model(os.path.join(path, "unet"), config, build_unet(config),
                      "diffusion_pytorch_model.safetensors", seed + i)
         index = {"_class_name": STAGE_PIPELINES[stage], "_diffusers_version": "0.19.3",
                  "unet": ["diffusers", unet_class], "scheduler": ["diffusers", "DDPMScheduler"]}
@@ -389,9 +389,9 @@ def _write_sr2_parts(path: str, seed: int) -> None:
 
     vocab_size = _write_clip_tokenizer(os.path.join(path, "tokenizer"))
     clip_config = {**CLIP_CONFIG, "vocab_size": vocab_size}
-    _write_model(os.path.join(path, "text_encoder"), clip_config, text_encoder_from_config(clip_config),
+    write_random_model(os.path.join(path, "text_encoder"), clip_config, text_encoder_from_config(clip_config),
                  "model.safetensors", seed)
-    _write_model(os.path.join(path, "vae"), VAE_CONFIG, AutoencoderKL(VAEConfig.from_dict(VAE_CONFIG)),
+    write_random_model(os.path.join(path, "vae"), VAE_CONFIG, AutoencoderKL(VAEConfig.from_dict(VAE_CONFIG)),
                  "diffusion_pytorch_model.safetensors", seed + 1)
     _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), SR2_SCHEDULER_CONFIG)
 

@@ -1,4 +1,5 @@
-"""The VMC tuning loop: tune the keyframe UNet's temporal attention on one clip, validate, checkpoint.
+"""The VMC tuning loop: tune the keyframe UNet's temporal attention on one clip (or several at once),
+validate, checkpoint.
 
 ``train_and_evaluate(config, workdir)`` is what ``vmc-jax train`` runs. A killed run started
 again with the same workdir resumes from its last readable checkpoint and ends bit-identical to
@@ -12,9 +13,12 @@ each checkpoint; only the main process holds the lock and writes the config, met
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -28,6 +32,10 @@ from vmc_jax.errors import TrainingDiverged
 def train_and_evaluate(config: ml_collections.ConfigDict, job_dir: str, strict: bool = False) -> training.TrainState:
     """Runs (or resumes) the tuning job in ``job_dir`` under its lock; returns the final train state.
 
+    With ``config.clips``, every clip is tuned at once (its own tuned weights and optimizer state,
+    over the mesh's "clips" axis, padded with copies of the last clip to a multiple of its size),
+    each in its own one-clip job folder ``job_dir/<name>`` that ``generate`` and ``export`` read;
+    the returned state is then stacked on a leading clip axis, in the order of ``config.clips``.
     ``strict``: refuse an unreadable latest checkpoint instead of resuming from the previous one.
     """
     job_config.validate_config(config)
@@ -38,98 +46,185 @@ def train_and_evaluate(config: ml_collections.ConfigDict, job_dir: str, strict: 
         return _train(config, job_dir, strict)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ClipJob:
+    """One clip of the job: its name ("" for a one-clip job), folder and one-clip config."""
+
+    name: str
+    folder: str
+    config: ml_collections.ConfigDict
+
+    @property
+    def train_prompt(self) -> str:
+        return self.config.invariant_prompt or prompts.appearance_invariant(self.config.prompt)
+
+
+def _clip_jobs(config: ml_collections.ConfigDict, job_dir: str) -> list[_ClipJob]:
+    per_clip = job_config.clip_configs(config)
+    if not per_clip:
+        return [_ClipJob("", job_dir, config)]
+    return [_ClipJob(name, os.path.join(job_dir, name), one) for name, one in per_clip.items()]
+
+
 def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> training.TrainState:
     c = config
     main = parallel.is_main_process()
+    jobs = _clip_jobs(c, job_dir)
+    stacked = bool(c.get("clips"))
     mesh = parallel.make_mesh(c.mesh)
-    if mesh.shape["clips"] != 1:
-        raise ValueError(f"config.mesh.clips={c.mesh.clips}: a training job tunes one clip; "
-                         "give its devices to config.mesh.data")
-    logging.info("mesh: %s", parallel.describe(mesh))
+    if not stacked and mesh.shape["clips"] != 1:
+        raise ValueError(f"config.mesh.clips={c.mesh.clips}: a one-clip job; give its devices to config.mesh.data, "
+                         "or list several clips in config.clips")
+    logging.info("mesh: %s; %d clip(s)", parallel.describe(mesh), len(jobs))
     stages = cascade_runner.checked_stages(c, list(c.validation.stages))  # before any sampling
     if main:
         workdir.save_config(job_dir, c)
+        for job in jobs if stacked else ():
+            os.makedirs(job.folder, exist_ok=True)
+            workdir.save_config(job.folder, job.config)
     model, params, scheduler = generate.load_keyframe_unet(c)
-    train_prompt = c.invariant_prompt or prompts.appearance_invariant(c.prompt)
-    texts = prompts.embed_prompts(c.pretrained, [train_prompt, "", c.sampling.negative_prompt, *c.validation.prompts],
-                                  job_dir)
-    clip = generate.training_clip(c)
-    logging.info("training prompt %r on %s (%d frames, %dx%d)", train_prompt, c.video, *clip.shape[:3])
+    texts = prompts.embed_prompts(c.pretrained, [*(j.train_prompt for j in jobs), "", c.sampling.negative_prompt,
+                                                 *(p for j in jobs for p in j.config.validation.prompts)], job_dir)
+    videos = [generate.training_clip(j.config) for j in jobs]
+    for job, video in zip(jobs, videos):
+        logging.info("%straining prompt %r on %s (%d frames, %dx%d)", f"{job.name}: " if job.name else "",
+                     job.train_prompt, job.config.video, *video.shape[:3])
 
     # The batch of noisy copies over the "data" axis; padding copies (batch policy) weigh nothing.
+    # Several clips: stacked over the "clips" axis, padded with copies of the last (results dropped).
     batch = parallel.padded_size(c.train.batch_size, mesh.shape["data"])
-    clips = parallel.global_batch(mesh, np.repeat(clip[None], batch, axis=0), "data")
-    weights = None
     if batch != c.train.batch_size:
         logging.warning("train.batch_size=%d padded to %d for %d devices on the data axis (padding weighs 0)",
                         c.train.batch_size, batch, mesh.shape["data"])
-        weights = parallel.global_batch(mesh, (np.arange(batch) < c.train.batch_size).astype(np.float32), "data")
+    row_weights = (np.arange(batch) < c.train.batch_size).astype(np.float32)
+    copies = [np.repeat(video[None], batch, axis=0) for video in videos]
+    if stacked:
+        n = parallel.padded_size(len(jobs), mesh.shape["clips"])
+        padded = list(range(len(jobs))) + [len(jobs) - 1] * (n - len(jobs))
+        clips = parallel.put_global(mesh, np.stack([copies[i] for i in padded]), "clips", "data")
+        text = parallel.put_global(mesh, np.stack([texts[jobs[i].train_prompt][None] for i in padded]), "clips")
+        weights = parallel.put_global(mesh, np.tile(row_weights, (n, 1)), "clips", "data")
+    else:
+        clips = parallel.global_batch(mesh, copies[0], "data")
+        text = parallel.put_global(mesh, texts[jobs[0].train_prompt][None])
+        weights = parallel.global_batch(mesh, row_weights, "data") if batch != c.train.batch_size else None
 
     tuned, frozen = training.split_params(params, c.train.tuned_params)
     frozen = parallel.put_global(mesh, frozen)  # once: the frozen weights stay on the devices
     schedule = training.lr_schedule(c.train.lr, c.train.lr_schedule, c.train.steps, c.train.warmup_steps)
     optimizer = training.make_optimizer(schedule, c.train.b1, c.train.b2, c.train.eps, c.train.weight_decay,
                                         c.train.clip_grad_norm)
+    one_state = jax.jit(lambda t: training.TrainState.create(t, optimizer, jax.random.PRNGKey(c.seed)),
+                        out_shardings=parallel.replicated(mesh))
+    stores = [checkpoints.TrainCheckpoints(workdir.checkpoints_dir(j.folder), strict=strict) for j in jobs]
     # Made on the devices, placed as the step returns it: no copy through the host, no recompile on step 2.
-    state = jax.jit(lambda t: training.TrainState.create(t, optimizer, jax.random.PRNGKey(c.seed)),
-                    out_shardings=parallel.replicated(mesh))(parallel.put_global(mesh, tuned))
-    store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict)
-    start, restored = store.restore_latest(state)
+    fresh = one_state(parallel.put_global(mesh, tuned))
+    start, restored = _restore(stores, fresh, main)
+    per_clip = restored or [fresh] * len(jobs)
+    if stacked:  # each clip from its own checkpoint (or the start), with the seed a one-clip job of it has
+        stack = jax.jit(lambda *states: jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *states),
+                        out_shardings=parallel.sharded(mesh, "clips"))
+        state = stack(*[per_clip[i] for i in padded])
+    else:
+        state = per_clip[0]
     if start is not None:
-        state = restored
         logging.info("resumed from step %d", start)
-    if start != store.latest_step() and main:
-        store.set_aside(newer_than=start)
-    metrics_path = workdir.metrics_path(job_dir)
-    if main:
-        _truncate_metrics(metrics_path, int(state.step))
+    for job in jobs if main else ():
+        _truncate_metrics(workdir.metrics_path(job.folder), start or 0)
+    clip_state = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=parallel.replicated(mesh))
 
-    train_step = training.make_train_step(model, scheduler, optimizer, c.train.loss)
-    text = parallel.put_global(mesh, texts[train_prompt][None])
+    def each_clip(state: training.TrainState) -> list[training.TrainState]:
+        return [clip_state(state, i) for i in range(len(jobs))] if stacked else [state]
+
+    train_step = training.make_train_step(model, scheduler, optimizer, c.train.loss, per_clip=stacked)
+    first = int(start or 0)
     pending, skipped = [], []  # device metrics, fetched every log_every steps so the loop never waits on the host
+    tick = time.perf_counter()
     try:  # a stopped run still finishes writing its last checkpoint
-        for step in tqdm(range(int(state.step), c.train.steps), initial=int(state.step), total=c.train.steps,
+        for step in tqdm(range(first, c.train.steps), initial=first, total=c.train.steps,
                          desc="VMC tuning", unit="step", disable=not main):
             state, metrics = train_step(state, frozen, clips, text, weights)
             pending.append((step + 1, metrics))
             done = step + 1
             if done % c.train.log_every == 0 or done == c.train.steps or done % c.train.checkpoint_every == 0:
-                skipped += _log_metrics(metrics_path if main else None, pending, schedule)
-                pending = []
+                losses, bad = _log_metrics([workdir.metrics_path(j.folder) for j in jobs] if main else None,
+                                           pending, schedule, stacked)
+                skipped += bad
+                steps_per_s = len(pending) / (time.perf_counter() - tick)  # after the fetch: steps finished
+                logging.info("step %d/%d: loss %s, %.2f steps/s, ETA %.0f s", done, c.train.steps,
+                             " ".join(f"{loss:.4g}" for loss in losses), steps_per_s,
+                             (c.train.steps - done) / steps_per_s)
+                pending, tick = [], time.perf_counter()
                 if skipped and c.train.non_finite == "stop":
                     raise TrainingDiverged(
                         f"step {skipped[0]}: the loss or the gradients are not finite (config.train.lr={c.train.lr}); "
-                        f"stopped, last checkpoint: step {store.latest_step()}. Lower the learning rate, or set "
+                        f"stopped, last checkpoint: step {stores[0].latest_step()}. Lower the learning rate, or set "
                         "config.train.non_finite=skip to skip such steps")
             if done % c.train.checkpoint_every == 0 or done == c.train.steps:
-                store.save(done, state)
+                for store, one in zip(stores, each_clip(state)):
+                    store.save(done, one)
             if c.validation.every and (done % c.validation.every == 0 or done == c.train.steps):
-                videos = generate.keyframe_videos(model, training.merge_params(state.tuned, frozen), scheduler, clip,
-                                                  texts, list(c.validation.prompts), c)
-                if main:  # the later stages run on the main process alone (the others wait at the next step)
-                    out_dir = workdir.samples_dir(job_dir, f"step_{done}")
-                    generate.write_videos(videos, list(c.validation.prompts), out_dir, c.sampling.fps, overwrite=True)
-                    generate.write_cascade(c, videos, texts, list(c.validation.prompts), stages, out_dir,
-                                           overwrite=True)
+                for job, video, one in zip(jobs, videos, each_clip(state)):
+                    _validate(job, video, model, training.merge_params(one.tuned, frozen), scheduler, texts, stages,
+                              done, main)
+                tick = time.perf_counter()  # steps per second leave validation out
     finally:
-        store.wait()
+        for store in stores:
+            store.wait()
     if skipped:
         logging.warning("skipped %d non-finite steps (first: step %d)", len(skipped), skipped[0])
-    return state
+    return jax.tree.map(lambda x: x[:len(jobs)], state) if stacked else state
 
 
-def _log_metrics(path: str | None, pending: list, schedule) -> list[int]:
-    """Appends a row per step to ``path`` (None: this process writes nothing); returns the steps
-    whose loss or gradients were not finite (every process, so all of them stop together)."""
-    rows, non_finite = [], []
-    for step, metrics in jax.device_get(pending):
-        if not metrics.pop("finite"):
+def _restore(stores: list[checkpoints.TrainCheckpoints], like: training.TrainState,
+             main: bool) -> tuple[int | None, list[training.TrainState] | None]:
+    """(step, one state per clip) of the newest step every clip's store holds readable, or (None, None).
+
+    A clip whose store went further (a run killed while writing a checkpoint of all clips) has
+    its newer steps set aside, so every clip resumes from the same step.
+    """
+    restored = [store.restore_latest(like) for store in stores]
+    steps = [step for step, _ in restored]
+    start = None if None in steps else min(steps)
+    for store, step in zip(stores, steps):
+        if main and store.latest_step() != start:
+            store.set_aside(newer_than=start)
+    if start is None:
+        return None, None
+    if any(step != start for step in steps):
+        restored = [store.restore_latest(like) for store in stores]
+    return start, [state for _, state in restored]
+
+
+def _validate(job: _ClipJob, video: np.ndarray, model: Any, params: Any, scheduler: Any, texts: dict[str, np.ndarray],
+              stages: list[str], step: int, main: bool) -> None:
+    """Keyframe samples of the clip's validation prompts (and the later ``stages``) into its samples folder."""
+    c, prompt_list = job.config, list(job.config.validation.prompts)
+    videos = generate.keyframe_videos(model, params, scheduler, video, texts, prompt_list, c)
+    if main:  # the later stages run on the main process alone (the others wait at the next step)
+        out_dir = workdir.samples_dir(job.folder, f"step_{step}")
+        generate.write_videos(videos, prompt_list, out_dir, c.sampling.fps, overwrite=True)
+        generate.write_cascade(c, videos, texts, prompt_list, stages, out_dir, overwrite=True)
+
+
+def _log_metrics(paths: list[str] | None, pending: list, schedule, stacked: bool) -> tuple[list[float], list[int]]:
+    """Appends a row per step to each clip's metrics file (``paths`` None: this process writes
+    nothing); returns each clip's last loss and the steps whose loss or gradients were not finite
+    for some clip (on every process, so all of them stop together)."""
+    fetched = jax.device_get(pending)
+    clips = len(paths) if paths is not None else (len(fetched[-1][1]["loss"]) if stacked else 1)
+    rows, non_finite = [[] for _ in range(clips)], []
+    for step, metrics in fetched:
+        per_clip = [{k: np.asarray(v)[i] for k, v in metrics.items()} for i in range(clips)] if stacked else [metrics]
+        if not all(m["finite"] for m in per_clip):
             non_finite.append(step)
-        rows.append({"step": step, "lr": float(schedule(step - 1)), **{k: float(v) for k, v in metrics.items()}})
-    if path is not None:
+        for clip_rows, m in zip(rows, per_clip):
+            clip_rows.append({"step": step, "lr": float(schedule(step - 1)),
+                              **{k: float(v) for k, v in m.items() if k != "finite"}})
+    for path, clip_rows in zip(paths or (), rows):
         with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    return non_finite
+            f.writelines(json.dumps(row) + "\n" for row in clip_rows)
+    return [clip_rows[-1]["loss"] for clip_rows in rows], non_finite
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -31,8 +31,15 @@ from vmc_jax.loading import load_unet, to_torch_state_dict
 PIPELINE = "pipeline"
 METRICS_FILE = "pretrain_metrics.jsonl"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-# Only epsilon is trained, so samplers must not read the (untrained) variance channels.
-SCHEDULER_CONFIG = {**tiny_pipeline.SCHEDULER_CONFIG, "variance_type": "fixed_small"}
+# Only epsilon is trained, so samplers must not read the (untrained) variance channels; DDIM, so
+# that sampling from inverted noise is deterministic (per-frame ancestral noise at 25 steps makes
+# this small model's backgrounds flicker).
+SCHEDULER_CONFIG = {**tiny_pipeline.SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "variance_type": "fixed_small"}
+# The model trained by `python -m vmc_jax.world_pretraining` (configs/world.py:16x24 and the
+# overrides in README's "The moving-shapes world"), shipped as fp16, with its seed and widths.
+PRETRAINED_UNET = os.path.join(os.path.dirname(__file__), "assets", "world_unet.fp16.safetensors")
+PRETRAINED_SEED = 0
+PRETRAINED_MODEL = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 16}
 EXPORT_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -79,6 +86,25 @@ def make_pipeline(config: ml_collections.ConfigDict, folder: str) -> None:
                                   json.dumps(SCHEDULER_CONFIG, indent=2, sort_keys=True))
 
 
+def write_pretrained_pipeline(folder: str) -> str:
+    """Writes the shipped pretrained world pipeline (hub layout) into ``folder``: the T5 and tokenizer
+    drawn from its seed, and the shipped UNet; returns ``folder``."""
+    from safetensors.numpy import load_file
+
+    config = ml_collections.ConfigDict({"seed": PRETRAINED_SEED, "model": PRETRAINED_MODEL})
+    make_pipeline(config, folder)
+    unet = os.path.join(folder, "unet")
+    expected = {k: v.shape for k, v in to_torch_state_dict(*load_unet(unet, dtype=np.float32)).items()}
+    shipped = load_file(PRETRAINED_UNET)
+    mismatched = sorted(k for k in expected.keys() | shipped.keys()
+                        if k not in expected or k not in shipped or shipped[k].shape != expected[k])
+    if mismatched:
+        raise ValueError(f"{PRETRAINED_UNET} does not fit config.model {config.model.to_dict()}: "
+                         f"{len(mismatched)} tensors differ (first: {mismatched[0]})")
+    save_file(shipped, os.path.join(unet, UNET_WEIGHTS), metadata={"format": "pt"})
+    return folder
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains (or resumes training) the world model in ``workdir``; returns the pipeline folder."""
     t = config.train
@@ -113,6 +139,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
     step_fn = training.make_train_step(model, scheduler, optimizer, loss_kind="epsilon")
 
     losses, tick = [], time.perf_counter()
+    deadline = tick + t.time_budget_s if t.time_budget_s else float("inf")
     for step in range(start, t.steps):
         clips, ids = batch_for_step(config, step, prompt_index)
         state, metrics = step_fn(run["state"], frozen, clips, table[ids])
@@ -127,10 +154,15 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
             logging.info("step %d/%d loss %.4f, %.2f s/step, ETA %.0f s", done, t.steps, row["loss"], seconds,
                          seconds * (t.steps - done))
             losses, tick = [], time.perf_counter()
-        if done % t.checkpoint_every == 0 or done == t.steps:
+        stop = ("train.time_budget_s=%s spent" % t.time_budget_s if time.perf_counter() > deadline
+                else "train.stop_at=%d" % t.stop_at if done == t.stop_at else None)
+        if done % t.checkpoint_every == 0 or done == t.steps or stop:
             store.save(done, run)
             store.wait()
             tick = time.perf_counter()  # the seconds per step leave checkpointing out
+        if stop:
+            logging.warning("stopped at step %d of %d (%s); run again to resume", done, t.steps, stop)
+            break
     export_unet(model, run["ema"], os.path.join(pipeline, "unet"), EXPORT_DTYPES[config.export_dtype])
     return pipeline
 

@@ -53,6 +53,8 @@ def _kernel_unsupported(implementation: str, backend: str, q_len: int, k_len: in
             return f"cuDNN attention needs float16 or bfloat16 inputs, got {jnp.dtype(dtype).name}"
         if head_dim > 128 or head_dim % 8:
             return f"cuDNN attention needs a head size that is a multiple of 8 up to 128, got {head_dim}"
+        if q_len % 2 or k_len % 2:  # the forward would run, but training would fail at the first step
+            return f"cuDNN attention has no backward pass for odd sequence lengths, got {q_len} and {k_len}"
         if has_bias or has_mask:
             return "cuDNN path here takes no bias or mask"
         return None
