@@ -93,15 +93,16 @@ def write_pretrained_pipeline(folder: str) -> str:
 
     config = ml_collections.ConfigDict({"seed": PRETRAINED_SEED, "model": PRETRAINED_MODEL})
     make_pipeline(config, folder)
-    unet = os.path.join(folder, "unet")
-    expected = {k: v.shape for k, v in to_torch_state_dict(*load_unet(unet, dtype=np.float32)).items()}
+    path = os.path.join(folder, "unet", UNET_WEIGHTS)
+    drawn = {k: v.shape for k, v in load_file(path).items()}  # the names and shapes the config gives
     shipped = load_file(PRETRAINED_UNET)
-    mismatched = sorted(k for k in expected.keys() | shipped.keys()
-                        if k not in expected or k not in shipped or shipped[k].shape != expected[k])
+    mismatched = sorted(k for k in drawn.keys() | shipped.keys()
+                        if k not in drawn or k not in shipped or shipped[k].shape != drawn[k])
     if mismatched:
         raise ValueError(f"{PRETRAINED_UNET} does not fit config.model {config.model.to_dict()}: "
                          f"{len(mismatched)} tensors differ (first: {mismatched[0]})")
-    save_file(shipped, os.path.join(unet, UNET_WEIGHTS), metadata={"format": "pt"})
+    save_file(shipped, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
     return folder
 
 
