@@ -21,11 +21,14 @@ prompted), colour and background leakage; mean and spread (min-max) over seeds.
 
 About 40 minutes on a 2-core CPU with the defaults (one compile per method, reused across clips).
 ``--demo`` runs the README demo's case instead: the bundled clip and its four target prompts.
+``--guidance`` and ``--no-x0-clipping`` change the sampling; another world model is compared by
+converting its hub pipeline into ``WORKDIR/pipeline_flax`` first (``vmc-jax convert``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -86,15 +89,21 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--demo", action="store_true", help="the README demo's clip and targets (one case)")
     parser.add_argument("--json", help="also write every clip's metrics to this JSON file")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the config's)")
+    parser.add_argument("--no-x0-clipping", dest="x0_clipping", action="store_false")
     args = parser.parse_args(argv)
     seeds, motions, methods = [int(s) for s in args.seeds.split(",")], args.motions.split(","), args.methods.split(",")
 
     config = vmc_config.get_config("world")
     config.pretrained = os.path.join(args.workdir, "pipeline_flax")
+    if args.guidance is not None:
+        config.sampling.guidance = args.guidance
     if not os.path.isdir(config.pretrained):
         hub = world_pretraining.write_pretrained_pipeline(os.path.join(args.workdir, "pipeline_hub"))
         convert(hub, config.pretrained)
     model, params, scheduler = generate.load_keyframe_unet(config)
+    if not args.x0_clipping:
+        scheduler = dataclasses.replace(scheduler, thresholding=False, clip_sample=False)
     optimizer = training.make_optimizer(config.train.lr, weight_decay=config.train.weight_decay,
                                         clip_grad_norm=config.train.clip_grad_norm)
     steps = {m: training.make_train_step(model, scheduler, optimizer, METHODS[m][0]) for m in methods if METHODS[m]}

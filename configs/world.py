@@ -32,6 +32,7 @@ def get_config(arg: str = "16x24") -> ml_collections.ConfigDict:
     config.train.steps = 8000
     config.train.stop_at = 0  # > 0: checkpoint, export and stop at this step; the schedule stays that of `steps`
     config.train.time_budget_s = 0  # > 0: checkpoint, export and stop after this many seconds (resumable)
+    config.train.init_from = ""  # a hub-layout UNet file of config.model's shapes to start from (default: seed)
     config.train.batch_size = 64
     config.train.lr = 1e-3  # the calibration's 3e-4 had learned nothing visible after 323 steps
     config.train.lr_schedule = "cosine"

@@ -69,6 +69,25 @@ def test_invert_then_sample_reconstructs(keyframes):
     assert np.abs(np.asarray(back) - np.asarray(x0)).max() <= 0.02
 
 
+def test_inversion_of_a_v_prediction_model(keyframes):
+    """A v-prediction model is inverted with the noise it implies, eps = sqrt(acp[t]) v + sqrt(1 - acp[t]) x,
+    written out here step by step in float64: within 1e-4 relative (4 frames of 16x16, 3 steps)."""
+    model, params, x0, text = keyframes
+    x0 = x0[:, :4, :16, :16]
+    scheduler = schedulers.from_config({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"})
+    ours = inversion.ddim_invert(model, params, x0, text, scheduler, 3)
+
+    apply = jax.jit(model.apply)
+    acp = np.asarray(scheduler.alphas_cumprod, np.float64)
+    x = np.asarray(x0, np.float64)
+    for t, a_cur, a_next in zip(*inversion.inversion_schedule(scheduler, 3)):
+        v = np.asarray(apply({"params": params}, jnp.asarray(x, jnp.float32), jnp.full((2,), t), text))[..., :3]
+        eps = acp[t] ** 0.5 * v + (1 - acp[t]) ** 0.5 * x
+        x = a_next ** 0.5 * (x - (1 - a_cur) ** 0.5 * eps) / a_cur ** 0.5 + (1 - a_next) ** 0.5 * eps
+    error = np.abs(np.asarray(ours) - x).max() / np.abs(x).max()
+    assert error <= 1e-4, error
+
+
 def test_pmapped_inversion_equals_single_device_runs(keyframes, caplog):
     model, params, x0, text = keyframes
     assert jax.local_device_count() == 4

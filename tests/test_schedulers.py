@@ -83,18 +83,37 @@ def test_alpha_cumprod_at_negative_timestep():
         np.testing.assert_array_equal(values, [expected, scheduler.alphas_cumprod[0], scheduler.alphas_cumprod[999]])
 
 
+def _x0_and_noise(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((3, 2, 4, 4, 3), dtype=np.float32) for _ in range(2))
+
+
 @pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
-def test_add_noise_matches_diffusers(name):
-    """add_noise equals diffusers' add_noise (max abs 1e-6) for per-sample and scalar timesteps.
-    (DPMSolverMultistepScheduler.add_noise indexes its inference steps, not the training process.)"""
-    config = {"_class_name": name, "beta_schedule": "squaredcos_cap_v2"}
+def test_add_noise_and_velocity_match_diffusers(name):
+    """add_noise and the v-prediction target equal diffusers' add_noise and get_velocity (max abs 1e-6)
+    for per-sample and scalar timesteps. (DPMSolverMultistepScheduler.add_noise indexes its inference
+    steps, not the training process.)"""
+    config = {"_class_name": name, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
     ours, theirs = schedulers.from_config(config), _reference(config)
-    rng = np.random.default_rng(0)
-    x0, noise = (rng.standard_normal((3, 2, 4, 4, 3), dtype=np.float32) for _ in range(2))
+    x0, noise = _x0_and_noise(0)
     t = np.array([0, 421, 999])
     expected = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
     np.testing.assert_allclose(schedulers.add_noise(ours, x0, noise, t), expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(schedulers.add_noise(ours, x0[1:2], noise[1:2], 421), expected[1:2], rtol=0, atol=1e-6)
+    velocity = theirs.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(schedulers.training_target(ours, x0, noise, t), velocity, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_predicted_noise_inverts_the_training_target(prediction_type):
+    """A model that predicts its target exactly implies the true noise (max abs 1e-4; "sample" divides by
+    sqrt(1 - acp[t]), 0.03 at t = 3)."""
+    scheduler = schedulers.from_config({"_class_name": "DDIMScheduler", "prediction_type": prediction_type})
+    x0, noise = _x0_and_noise(2)
+    t = np.array([3, 421, 999])
+    target = schedulers.training_target(scheduler, x0, noise, t)
+    noisy = schedulers.add_noise(scheduler, x0, noise, t)
+    np.testing.assert_allclose(schedulers.predicted_noise(scheduler, target, noisy, t), noise, rtol=0, atol=1e-4)
 
 
 def test_from_config_sources(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import string
 
 import jax
@@ -414,3 +415,18 @@ def test_encode_prompts_clip_matches_pipeline(clip_folder, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=tokens.input_ids).last_hidden_state
     assert hidden.shape == (1, 77, 32) and _max_error(hidden, expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("feed_forward_proj", "gated-swish", "unsupported activation 'swish'"),
+    ("model_type", "bert", "unsupported text encoder"),
+])
+def test_bad_config_errors_name_the_file(t5_folder, tmp_path, key, value, message):
+    """Every config is read by its class's ``from_dict(raw, source)``: errors start with the config file."""
+    folder, _ = t5_folder
+    shutil.copytree(folder, tmp_path / "t5")
+    config = read_config(str(tmp_path / "t5"))
+    config[key] = value
+    (tmp_path / "t5" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 't5' / 'config.json'}: {message}"):
+        load_text_encoder(str(tmp_path / "t5"))

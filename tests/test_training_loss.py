@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmc_jax import training
+from vmc_jax import schedulers, training
 from vmc_jax.training import motion_distillation_loss
 
 
@@ -55,3 +55,22 @@ def test_zero_weight_padding_leaves_the_loss_unchanged(kind):
     weights = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0])
     np.testing.assert_allclose(training.motion_distillation_loss(padded_pred, padded_true, kind, weights),
                                training.motion_distillation_loss(pred, true, kind), rtol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_train_loss_reads_the_prediction_as_its_scheduler_says(prediction_type):
+    """The train step's loss of a model that predicts its target exactly is 0 for every loss kind
+    (<= 1e-5), and the epsilon loss of a perturbed prediction is the MSE of the perturbation: the
+    prediction is compared with the noise or the velocity, as the scheduler says."""
+    scheduler = schedulers.from_config({"_class_name": "DDIMScheduler", "prediction_type": prediction_type})
+    rng = np.random.default_rng(3)
+    x0, noise, shift = (rng.normal(size=(2, 4, 3, 5, 3)).astype(np.float32) for _ in range(3))
+    t = np.array([40, 950])
+    exact = schedulers.training_target(scheduler, x0, noise, t)
+    for kind in training.TRAIN_LOSS_KINDS:
+        assert float(training.diffusion_loss(scheduler, exact, x0, noise, t, kind)) <= 1e-5, kind
+    loss = training.diffusion_loss(scheduler, exact + 0.1 * shift, x0, noise, t, "epsilon")
+    assert float(loss) == pytest.approx(np.mean((0.1 * shift) ** 2), rel=1e-4)
+    if prediction_type != "epsilon":  # the target is not the noise: taking the noise for it is a loss
+        for kind in training.TRAIN_LOSS_KINDS:
+            assert float(training.diffusion_loss(scheduler, noise, x0, noise, t, kind)) > 0.05, kind

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from configs import world as world_config
-from vmc_jax import training, world_pretraining
+from vmc_jax import schedulers, training, world_pretraining
 from vmc_jax.conversion.pipeline import convert
 from vmc_jax.loading import load_unet
 
@@ -24,8 +24,10 @@ def small_config():
 
 def test_epsilon_loss_is_the_mean_squared_error():
     rng = np.random.default_rng(0)
-    pred, true = rng.normal(size=(2, 2, 3, 4, 5, 3)).astype(np.float32)
-    assert float(training.diffusion_loss(pred, true, "epsilon")) == pytest.approx(np.mean((pred - true) ** 2), rel=1e-6)
+    pred, true, x0 = rng.normal(size=(3, 2, 3, 4, 5, 3)).astype(np.float32)
+    scheduler = schedulers.from_config({"_class_name": "DDIMScheduler"})
+    loss = training.diffusion_loss(scheduler, pred, x0, true, np.array([7, 900]), "epsilon")
+    assert float(loss) == pytest.approx(np.mean((pred - true) ** 2), rel=1e-6)
     with pytest.raises(ValueError, match="unknown loss 'mse'"):
         training.make_train_step(None, None, None, "mse")
 
@@ -91,3 +93,28 @@ def test_pretraining_resumes_bit_identical_and_exports_hub_weights(tmp_path, one
     _, flax_params = load_unet(str(converted / "unet"))
     for x, y in zip(jax.tree.leaves(flax_params), jax.tree.leaves(a)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path):
+    """`train.init_from` puts a hub-layout UNet file in place of the seed's draw (0 steps: the export is
+    that file), and a file of other shapes is refused by name."""
+    config = small_config()
+    world_pretraining.make_pipeline(config, str(tmp_path / "donor"))
+    donor = str(tmp_path / "donor" / "unet" / world_pretraining.UNET_WEIGHTS)
+    config.seed, config.train.steps, config.train.init_from = 1, 0, donor
+    pipeline = world_pretraining.pretrain(config, str(tmp_path / "run"))
+    _, given = load_unet(str(tmp_path / "donor" / "unet"))
+    _, written = load_unet(f"{pipeline}/unet")
+    world_pretraining.make_pipeline(config, str(tmp_path / "seed1"))
+    _, drawn = load_unet(str(tmp_path / "seed1" / "unet"))
+    for x, y, z in zip(jax.tree.leaves(given), jax.tree.leaves(written), jax.tree.leaves(drawn)):
+        np.testing.assert_array_equal(np.asarray(x, np.float16), y)
+    assert not all(np.array_equal(x, z) for x, z in zip(jax.tree.leaves(given), jax.tree.leaves(drawn)))
+
+    config.model.block_out_channels = [32, 32, 32]
+    with pytest.raises(ValueError, match=f"{donor} does not fit config.model"):
+        world_pretraining.pretrain(config, str(tmp_path / "other"))
+    assert not (tmp_path / "other" / world_pretraining.PIPELINE).exists()
+    config.model.prediction_type = "x0"
+    with pytest.raises(ValueError, match="model.prediction_type 'x0': expected one of"):
+        world_pretraining.pretrain(config, str(tmp_path / "other"))

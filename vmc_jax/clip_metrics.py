@@ -28,8 +28,8 @@ _WEIGHT_STEMS = ("model", "pytorch_model")
 
 def load_clip_tower(path: str, tower: type[CLIPVisionEncoder] | type[CLIPTextProjectionEncoder]) -> tuple[Any, dict]:
     """One tower (module, float32 params) from a hub ``CLIPModel`` folder or that tower's own folder."""
-    config, _ = model_config(path)
-    module = tower.from_hf_config(config)
+    config, source = model_config(path)
+    module = tower(tower.CONFIG_CLASS.from_dict(config, source))
     return module, load_params(path, module, _WEIGHT_STEMS, adapt=tower.adapt_state_dict)
 
 

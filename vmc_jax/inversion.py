@@ -1,8 +1,8 @@
 """DDIM inversion: running the deterministic DDIM sampler backwards, clean video -> noise.
 
 Each step moves ``x`` from the noise level ``a_cur`` up to ``a_next = alphas_cumprod[t]``,
-using the model's epsilon at timestep ``t`` (the first ``C`` output channels; the rest are the
-learned variance). The whole loop is one ``lax.scan`` under ``jit``; ``pmap_ddim_invert``
+using the noise the model predicts at timestep ``t`` (from the first ``C`` output channels, read
+as the scheduler's ``prediction_type`` says; the rest are the learned variance). The whole loop is one ``lax.scan`` under ``jit``; ``pmap_ddim_invert``
 splits a batch of clips over the devices of a mesh (`vmc_jax.parallel`).
 """
 
@@ -69,16 +69,14 @@ def inversion_update(x: jax.Array, eps: jax.Array, a_cur: jax.Array, a_next: jax
 
 def _invert(model: nn.Module, scheduler: Scheduler, num_steps: int, method: str, return_trajectory: bool,
             params: Any, x0: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
-    if scheduler.prediction_type != "epsilon":
-        raise ValueError(f"DDIM inversion needs an epsilon-predicting model, the scheduler says "
-                         f"prediction_type={scheduler.prediction_type!r}")
     channels = x0.shape[-1]
     batch = x0.shape[0]
     text = jnp.broadcast_to(encoder_hidden_states, (batch, *encoder_hidden_states.shape[1:]))
 
     def step(x, xs):
         t, a_cur, a_next = xs
-        eps = model.apply({"params": params}, x, jnp.full((batch,), t), text)[..., :channels].astype(jnp.float32)
+        out = model.apply({"params": params}, x, jnp.full((batch,), t), text)[..., :channels].astype(jnp.float32)
+        eps = schedulers.predicted_noise(scheduler, out, x, t)
         x = inversion_update(x, eps, a_cur, a_next)
         return x, x if return_trajectory else None
 

@@ -27,19 +27,20 @@ import functools
 import json
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 ALGORITHMS = ("ddpm", "ddim", "dpmsolver++")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the model's output is (see `training_target`)
 
 # Values each setting may take; a config holding any other value is refused.
 _ALLOWED: dict[str, tuple] = {
     "algorithm": ALGORITHMS,
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
-    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "prediction_type": PREDICTION_TYPES,
     "timestep_spacing": ("leading", "trailing", "linspace"),
     "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "learned_range"),
     "solver_order": (1, 2),
@@ -125,6 +126,14 @@ class Scheduler:
     lower_order_final: bool = True
     euler_at_final: bool = False
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "scheduler config") -> "Scheduler":
+        """Reads a diffusers scheduler config dict (see `from_config`); errors name ``source``."""
+        try:
+            return _from_dict(dict(raw))
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
+
     def __post_init__(self) -> None:
         for key, allowed in _ALLOWED.items():
             if getattr(self, key) not in allowed:
@@ -190,10 +199,7 @@ def from_config(config: dict[str, Any] | str | os.PathLike, **overrides: Any) ->
         source = _config_file(os.fspath(config))
         with open(source, encoding="utf-8") as f:
             config = json.load(f)
-    try:
-        return _from_dict({**config, **overrides})
-    except ValueError as err:
-        raise ValueError(f"{source}: {err}") from err
+    return Scheduler.from_dict({**config, **overrides}, source)
 
 
 def _config_file(path: str) -> str:
@@ -284,11 +290,34 @@ def alpha_cumprod_at(scheduler: Scheduler, t: jax.Array | int) -> jax.Array:
                      scheduler.final_alpha_cumprod)
 
 
+def _alpha_cumprod_like(scheduler: Scheduler, t: jax.Array | int, x: jax.Array) -> jax.Array:
+    """alphas_cumprod at ``t`` (scalar or per batch item) shaped to broadcast against ``x``."""
+    a = alpha_cumprod_at(scheduler, t)
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
 def add_noise(scheduler: Scheduler, x0: jax.Array, noise: jax.Array, t: jax.Array | int) -> jax.Array:
     """Forward diffusion q(x_t | x_0): sqrt(acp[t]) x0 + sqrt(1 - acp[t]) noise; t scalar or per batch."""
-    a = alpha_cumprod_at(scheduler, t)
-    a = a.reshape(a.shape + (1,) * (x0.ndim - a.ndim))
+    a = _alpha_cumprod_like(scheduler, t, x0)
     return jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+
+
+def training_target(scheduler: Scheduler, x0: jax.Array, noise: jax.Array, t: jax.Array | int) -> jax.Array:
+    """What the model learns to predict at x_t = `add_noise(x0, noise, t)`: the noise, the clean sample,
+    or the velocity sqrt(acp[t]) noise - sqrt(1 - acp[t]) x0 (as the scheduler's ``prediction_type``)."""
+    if scheduler.prediction_type == "epsilon":
+        return noise
+    if scheduler.prediction_type == "sample":
+        return x0
+    a = _alpha_cumprod_like(scheduler, t, x0)
+    return jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0
+
+
+def predicted_noise(scheduler: Scheduler, prediction: jax.Array, x: jax.Array, t: jax.Array | int) -> jax.Array:
+    """The noise in ``x`` (at timestep ``t``, scalar or per batch item) that the model's ``prediction`` implies."""
+    if scheduler.prediction_type == "epsilon":
+        return prediction
+    return _x0_and_eps(scheduler, prediction, x, _alpha_cumprod_like(scheduler, t, x))[1]
 
 
 def step(

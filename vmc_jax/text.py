@@ -31,18 +31,21 @@ _ARCHITECTURES = {"T5EncoderModel": "t5", "T5ForConditionalGeneration": "t5", "C
 _WEIGHT_STEMS = ("model", "pytorch_model")
 
 
-def text_encoder_from_config(config: Mapping[str, Any], dtype: Any = jnp.float32) -> TextEncoder:
-    """The Flax module (compute ``dtype``) for a transformers config dict, chosen by model_type or architectures."""
+def text_encoder_from_config(config: Mapping[str, Any], dtype: Any = jnp.float32,
+                             source: str = "config") -> TextEncoder:
+    """The Flax module (compute ``dtype``) for a transformers config dict (read from ``source``, named in
+    errors), chosen by model_type or architectures."""
     model_type = config.get("model_type")
     if model_type is None:
         known = [_ARCHITECTURES[a] for a in config.get("architectures", []) if a in _ARCHITECTURES]
         model_type = known[0] if known else None
     if model_type not in _FAMILIES:
         raise ValueError(
-            f"unsupported text encoder: model_type={config.get('model_type')!r}, "
+            f"{source}: unsupported text encoder: model_type={config.get('model_type')!r}, "
             f"architectures={config.get('architectures')!r}; supported model_type: {', '.join(_FAMILIES)}"
         )
-    return _FAMILIES[model_type].from_hf_config(config, dtype=dtype)
+    module = _FAMILIES[model_type]
+    return module(module.CONFIG_CLASS.from_dict(config, source), dtype=dtype)
 
 
 def load_text_encoder(path: str, dtype: Any = None) -> tuple[TextEncoder, dict]:
@@ -52,8 +55,8 @@ def load_text_encoder(path: str, dtype: Any = None) -> tuple[TextEncoder, dict]:
     (an fp16 checkpoint stays fp16) and computes in float32. Tensors are read and converted one
     by one, so peak host memory stays near one copy of the params.
     """
-    config, _ = model_config(path)
-    module = text_encoder_from_config(config, dtype=dtype or jnp.float32)
+    config, source = model_config(path)
+    module = text_encoder_from_config(config, dtype=dtype or jnp.float32, source=source)
     # no cast here: hub tensors stay file-mapped until _to_device_arrays copies (and casts) each one
     params = load_params(path, module, _WEIGHT_STEMS,
                          adapt=lambda state_dict, source: type(module).adapt_state_dict(state_dict, source=source))

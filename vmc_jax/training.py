@@ -43,7 +43,8 @@ def merge_params(tuned: Any, frozen: Any) -> dict:
 
 LOSS_KINDS = ("paper", "official", "l2")
 # What the train step takes: the motion-distillation losses, and "epsilon", the plain denoising loss
-# (pretraining, and the ablation that tunes VMC's subset with it).
+# (pretraining, and the ablation that tunes VMC's subset with it): the MSE against the scheduler's
+# target, the noise for an epsilon model (the name of Show-1's case), the velocity for a v model.
 TRAIN_LOSS_KINDS = (*LOSS_KINDS, "epsilon")
 
 
@@ -79,14 +80,22 @@ def motion_distillation_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str
     return _batch_mean(terms, weights)
 
 
-def diffusion_loss(eps_pred: jax.Array, eps_true: jax.Array, kind: str, weights: jax.Array | None = None) -> jax.Array:
-    """The train step's loss: "epsilon" is the mean squared error of the predicted noise, any other
-    ``kind`` a :func:`motion_distillation_loss`; ``weights`` as there."""
+def diffusion_loss(scheduler: Scheduler, prediction: jax.Array, x0: jax.Array, noise: jax.Array,
+                   t: jax.Array, kind: str, weights: jax.Array | None = None) -> jax.Array:
+    """The train step's loss of the model's ``prediction`` at x_t = `schedulers.add_noise` (x0, noise, t),
+    against the scheduler's target (`schedulers.training_target`: the noise for Show-1's epsilon models).
+
+    "epsilon": the mean squared error; any other ``kind``: a :func:`motion_distillation_loss` of the
+    two. A v model is distilled on its velocities, not on the noise they imply: near pure noise that
+    is x_t's own noise whatever the model predicts, which leaves a loss on it almost no gradient.
+    ``weights`` as there.
+    """
+    target = schedulers.training_target(scheduler, x0, noise, t)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {prediction.shape} and target {target.shape} differ in shape")
     if kind != "epsilon":
-        return motion_distillation_loss(eps_pred, eps_true, kind, weights)
-    if eps_pred.shape != eps_true.shape:
-        raise ValueError(f"eps_pred {eps_pred.shape} and eps_true {eps_true.shape} differ in shape")
-    return _batch_mean(jnp.square(eps_pred.astype(jnp.float32) - eps_true.astype(jnp.float32)), weights)
+        return motion_distillation_loss(prediction, target, kind, weights)
+    return _batch_mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)), weights)
 
 
 def _batch_mean(terms: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -150,7 +159,7 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
     ``clips`` ``(b, f, h, w, c)`` in [-1, 1]; ``text`` ``(b or 1, L, d)``; ``weights`` ``(b,)``
     weigh the loss (0 for batch padding). Per clip a timestep t ~ U{0..T-1} and noise ~ N(0, I)
     give x_t; the model runs in train mode (temporal-conv dropout); the loss compares the first
-    ``c`` output channels with the noise. A step whose loss or gradients are not finite changes
+    ``c`` output channels with the scheduler's target. A step whose loss or gradients are not finite changes
     no parameter and reports ``finite=False``. The state is donated, so its buffers are updated
     in place. ``per_clip``: several independent problems at once (see :func:`init_per_clip`):
     state, clips, text and weights carry a leading clip axis, the frozen weights are shared.
@@ -170,7 +179,7 @@ def make_train_step(model: nn.Module, scheduler: Scheduler, optimizer: optax.Gra
         def loss_fn(tuned):
             out = model.apply({"params": merge_params(tuned, frozen)}, noisy, t, text, train=True,
                               rngs={"dropout": dropout_key})
-            return diffusion_loss(out[..., :channels], noise, loss_kind, weights)
+            return diffusion_loss(scheduler, out[..., :channels], clips, noise, t, loss_kind, weights)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.tuned)
         grad_norm = optax.tree.norm(grads)

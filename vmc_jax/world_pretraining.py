@@ -2,11 +2,13 @@
 
 ``pretrain(config, workdir)`` (config: ``configs/world.py``) writes a hub-layout pipeline into
 ``workdir/pipeline`` (the Show-1 base layout of :mod:`vmc_jax.tiny_pipeline`, with the world's
-words in the tokenizer), trains every UNet parameter with the plain epsilon MSE through the same
+words in the tokenizer), trains every UNet parameter with the plain denoising MSE through the same
 train step as VMC, on fresh world clips each step, and writes the EMA of the weights back into
-``pipeline/unet`` so that ``vmc-jax convert`` and ``load_unet`` read the result. The T5 encoder
-stays as drawn (frozen, as Show-1 and IF keep theirs): its states differ per word, and the UNet's
-text projection learns to read them. A killed run started again resumes from its last checkpoint.
+``pipeline/unet`` so that ``vmc-jax convert`` and ``load_unet`` read the result. The model predicts
+``config.model.prediction_type`` (the shipped one: epsilon, as Show-1's keyframe model; README's
+"The moving-shapes world" says what a v-prediction run changed). The T5 encoder stays as drawn (frozen, as Show-1 and IF keep theirs): its states
+differ per word, and the UNet's text projection learns to read them. A killed run started again
+resumes from its last checkpoint.
 
     python -m vmc_jax.world_pretraining --config configs/world.py:16x24 --workdir workdirs/world
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -31,15 +34,17 @@ from vmc_jax.loading import load_unet, to_torch_state_dict
 PIPELINE = "pipeline"
 METRICS_FILE = "pretrain_metrics.jsonl"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-# Only epsilon is trained, so samplers must not read the (untrained) variance channels; DDIM, so
-# that sampling from inverted noise is deterministic (per-frame ancestral noise at 25 steps makes
-# this small model's backgrounds flicker).
+# Only the prediction is trained, so samplers must not read the (untrained) variance channels; DDIM,
+# so that sampling from inverted noise is deterministic (per-frame ancestral noise at 25 steps makes
+# this small model's backgrounds flicker). The prediction type is the model's (config.model).
 SCHEDULER_CONFIG = {**tiny_pipeline.SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "variance_type": "fixed_small"}
 # The model trained by `python -m vmc_jax.world_pretraining` (configs/world.py:16x24 and the
-# overrides in README's "The moving-shapes world"), shipped as fp16, with its seed and widths.
+# overrides in README's "The moving-shapes world"), shipped as fp16, with its seed, widths and
+# prediction type.
 PRETRAINED_UNET = os.path.join(os.path.dirname(__file__), "assets", "world_unet.fp16.safetensors")
 PRETRAINED_SEED = 0
-PRETRAINED_MODEL = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 16}
+PRETRAINED_MODEL = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 16,
+                    "prediction_type": "epsilon"}
 EXPORT_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -79,30 +84,38 @@ def batch_for_step(config: ml_collections.ConfigDict, step: int,
 
 
 def make_pipeline(config: ml_collections.ConfigDict, folder: str) -> None:
-    """Writes the untrained hub-layout pipeline (random UNet and T5, world tokenizer, epsilon-only scheduler)."""
+    """Writes the untrained hub-layout pipeline (random UNet and T5, world tokenizer, DDIM scheduler of
+    ``config.model.prediction_type``)."""
     tiny_pipeline.make_tiny_pipeline(folder, config.seed, unet_config=world_unet_config(config.model),
                                      prompts=world.all_prompts())
+    scheduler = {**SCHEDULER_CONFIG, "prediction_type": config.model.prediction_type}
     files.write_text_atomic(os.path.join(folder, "scheduler", "scheduler_config.json"),
-                                  json.dumps(SCHEDULER_CONFIG, indent=2, sort_keys=True))
+                            json.dumps(scheduler, indent=2, sort_keys=True))
+
+
+def install_unet(folder: str, weights: str, model: ml_collections.ConfigDict) -> None:
+    """Replaces the UNet weights of the pipeline ``folder`` (made for ``model``) by the hub-layout file
+    ``weights``, after checking that it holds the same tensor names and shapes."""
+    from safetensors.numpy import load_file
+
+    path = os.path.join(folder, "unet", UNET_WEIGHTS)
+    drawn = {k: v.shape for k, v in load_file(path).items()}  # the names and shapes the config gives
+    given = load_file(weights)
+    mismatched = sorted(k for k in drawn.keys() | given.keys()
+                        if k not in drawn or k not in given or given[k].shape != drawn[k])
+    if mismatched:
+        raise ValueError(f"{weights} does not fit config.model {model.to_dict()}: "
+                         f"{len(mismatched)} tensors differ (first: {mismatched[0]})")
+    save_file(given, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
 
 
 def write_pretrained_pipeline(folder: str) -> str:
     """Writes the shipped pretrained world pipeline (hub layout) into ``folder``: the T5 and tokenizer
     drawn from its seed, and the shipped UNet; returns ``folder``."""
-    from safetensors.numpy import load_file
-
     config = ml_collections.ConfigDict({"seed": PRETRAINED_SEED, "model": PRETRAINED_MODEL})
     make_pipeline(config, folder)
-    path = os.path.join(folder, "unet", UNET_WEIGHTS)
-    drawn = {k: v.shape for k, v in load_file(path).items()}  # the names and shapes the config gives
-    shipped = load_file(PRETRAINED_UNET)
-    mismatched = sorted(k for k in drawn.keys() | shipped.keys()
-                        if k not in drawn or k not in shipped or shipped[k].shape != drawn[k])
-    if mismatched:
-        raise ValueError(f"{PRETRAINED_UNET} does not fit config.model {config.model.to_dict()}: "
-                         f"{len(mismatched)} tensors differ (first: {mismatched[0]})")
-    save_file(shipped, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    install_unet(folder, PRETRAINED_UNET, config.model)
     return folder
 
 
@@ -111,9 +124,18 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
     t = config.train
     if config.export_dtype not in EXPORT_DTYPES:
         raise ValueError(f"export_dtype {config.export_dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
+    if config.model.prediction_type not in schedulers.PREDICTION_TYPES:
+        raise ValueError(f"model.prediction_type {config.model.prediction_type!r}: "
+                         f"expected one of {schedulers.PREDICTION_TYPES}")
     pipeline = os.path.join(workdir, PIPELINE)
     if not os.path.isfile(os.path.join(pipeline, "model_index.json")):
-        make_pipeline(config, pipeline)
+        partial = pipeline + ".partial"  # complete or absent: a killed start is made again
+        shutil.rmtree(partial, ignore_errors=True)
+        make_pipeline(config, partial)
+        if t.init_from:
+            install_unet(partial, t.init_from, config.model)
+        shutil.rmtree(pipeline, ignore_errors=True)
+        os.replace(partial, pipeline)
     model, params = load_unet(os.path.join(pipeline, "unet"), dtype=np.float32, remat=t.remat)
     scheduler = schedulers.from_config(os.path.join(pipeline, "scheduler"))
     names = world.all_prompts() + [""]
@@ -169,11 +191,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def sample_world(pipeline: str, workdir: str, prompt_list: Sequence[str], num_frames: int, height: int, width: int,
-                 seed: int = 0, steps: int = 25, guidance: float = 4.0) -> np.ndarray:
-    """Clips ``(n, f, h, w, 3)`` in [0, 1] sampled from noise for each prompt by DDIM with x0 thresholding
-    (the pipeline's scheduler settings) and classifier-free guidance; prompt states are cached in ``workdir``."""
+                 seed: int = 0, steps: int = 25, guidance: float = 4.0, x0_clipping: bool = True) -> np.ndarray:
+    """Clips ``(n, f, h, w, 3)`` in [0, 1] sampled from noise for each prompt by DDIM (the pipeline's
+    scheduler settings; ``x0_clipping=False`` turns its x0 clipping and thresholding off) and
+    classifier-free guidance; prompt states are cached in ``workdir``."""
     model, params = load_unet(os.path.join(pipeline, "unet"), dtype=np.float32)
-    scheduler = schedulers.from_config(pipeline, _class_name="DDIMScheduler")
+    no_clipping = {} if x0_clipping else {"thresholding": False, "clip_sample": False}
+    scheduler = schedulers.from_config(pipeline, _class_name="DDIMScheduler", **no_clipping)
     texts = prompts.embed_prompts(pipeline, [*prompt_list, ""], workdir)
     x_T = jax.random.normal(jax.random.PRNGKey(seed), (len(prompt_list), num_frames, height, width, 3))
     frames = generate.sample_keyframes(model, params, scheduler, x_T, jnp.stack([texts[p] for p in prompt_list]),

@@ -9,7 +9,7 @@ stream, the layer-norm statistics and the softmax run in float32, the matmuls in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from vmc_jax.models.attention_core import dot_product_attention
 from vmc_jax.models.layers import Dtype, layer_norm
-from vmc_jax.models.t5 import hf_activation
+from vmc_jax.models.t5 import checked, hf_activation
 
 _PREFIX = "text_model."
 
@@ -36,15 +36,14 @@ class CLIPTextEncoderConfig:
     layer_norm_eps: float = 1e-5
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "CLIPTextEncoderConfig":
-        """Reads a transformers ``config.json`` dict; missing fields take transformers' defaults."""
-        fields = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
-        result = cls(**fields)
-        hf_activation(result.hidden_act)  # fail at load time, not at the first call
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "CLIPTextEncoderConfig":
+        """Reads a transformers ``config.json`` dict (from ``source``, for errors); missing fields take
+        transformers' defaults, other keys are transformers' own and ignored."""
+        result = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+        checked(source, hf_activation, result.hidden_act)  # fail at load time, not at the first call
         if result.hidden_size % result.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {result.hidden_size} is not divisible by num_attention_heads {result.num_attention_heads}"
-            )
+            raise ValueError(f"{source}: hidden_size {result.hidden_size} is not divisible by "
+                             f"num_attention_heads {result.num_attention_heads}")
         return result
 
 
@@ -160,6 +159,8 @@ class CLIPTextEncoder(nn.Module):
     config: CLIPTextEncoderConfig
     dtype: Dtype = jnp.float32
 
+    CONFIG_CLASS: ClassVar[type] = CLIPTextEncoderConfig  # reads this module's config.json: CONFIG_CLASS.from_dict
+
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """input_ids (batch, seq) int; attention_mask (batch, seq) 1 = token / 0 = padding, or None.
@@ -172,11 +173,6 @@ class CLIPTextEncoder(nn.Module):
     def dummy_inputs(self) -> tuple[jax.Array]:
         """The smallest inputs the model accepts, for ``init`` and shape inference."""
         return (jnp.zeros((1, 1), jnp.int32),)
-
-    @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "CLIPTextEncoder":
-        """The text model described by a transformers ``clip_text_model`` ``config.json`` dict."""
-        return cls(CLIPTextEncoderConfig.from_hf(config), dtype=dtype)
 
     @classmethod
     def adapt_state_dict(cls, state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:

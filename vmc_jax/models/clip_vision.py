@@ -12,7 +12,7 @@ Images are channels last, ``(batch, height, width, channels)``, already normalis
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from vmc_jax.models.clip import CLIPEncoder, CLIPTextEncoderConfig, CLIPTextTransformer
 from vmc_jax.models.layers import Dtype, layer_norm
-from vmc_jax.models.t5 import hf_activation
+from vmc_jax.models.t5 import checked, hf_activation
 
 
 def _tower_config(config: Mapping[str, Any], nested: str) -> dict[str, Any]:
@@ -51,16 +51,18 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "CLIPVisionConfig":
-        """Reads a ``clip_vision_model`` (or whole ``clip``) ``config.json`` dict; checks what would fail later."""
-        config = _tower_config(config, "vision_config")
-        result = cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
-        hf_activation(result.hidden_act)
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "CLIPVisionConfig":
+        """Reads a ``clip_vision_model`` (or whole ``clip``) ``config.json`` dict (from ``source``, for
+        errors); checks what would fail later."""
+        raw = _tower_config(raw, "vision_config")
+        result = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+        checked(source, hf_activation, result.hidden_act)
         if result.hidden_size % result.num_attention_heads:
-            raise ValueError(f"hidden_size {result.hidden_size} is not divisible by "
+            raise ValueError(f"{source}: hidden_size {result.hidden_size} is not divisible by "
                              f"num_attention_heads {result.num_attention_heads}")
         if result.image_size % result.patch_size:
-            raise ValueError(f"image_size {result.image_size} is not divisible by patch_size {result.patch_size}")
+            raise ValueError(f"{source}: image_size {result.image_size} is not divisible by "
+                             f"patch_size {result.patch_size}")
         return result
 
 
@@ -111,6 +113,8 @@ class CLIPVisionEncoder(nn.Module):
     config: CLIPVisionConfig
     dtype: Dtype = jnp.float32
 
+    CONFIG_CLASS: ClassVar[type] = CLIPVisionConfig  # reads this module's config.json: CONFIG_CLASS.from_dict
+
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values (batch, size, size, channels), normalised -> (batch, projection_dim), unnormalised."""
@@ -120,10 +124,6 @@ class CLIPVisionEncoder(nn.Module):
     def dummy_inputs(self) -> tuple[jax.Array]:
         cfg = self.config
         return (jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
-
-    @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "CLIPVisionEncoder":
-        return cls(CLIPVisionConfig.from_hf(config), dtype=dtype)
 
     @classmethod
     def adapt_state_dict(cls, state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -139,8 +139,8 @@ class CLIPTextProjectionConfig(CLIPTextEncoderConfig):
     eos_token_id: int = 2
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "CLIPTextProjectionConfig":
-        return super().from_hf(_tower_config(config, "text_config"))
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "CLIPTextProjectionConfig":
+        return super().from_dict(_tower_config(raw, "text_config"), source)
 
 
 class CLIPTextProjectionEncoder(nn.Module):
@@ -148,6 +148,8 @@ class CLIPTextProjectionEncoder(nn.Module):
 
     config: CLIPTextProjectionConfig
     dtype: Dtype = jnp.float32
+
+    CONFIG_CLASS: ClassVar[type] = CLIPTextProjectionConfig  # reads this module's config.json: CONFIG_CLASS.from_dict
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -167,10 +169,6 @@ class CLIPTextProjectionEncoder(nn.Module):
 
     def dummy_inputs(self) -> tuple[jax.Array]:
         return (jnp.zeros((1, 1), jnp.int32),)
-
-    @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], dtype: Any = jnp.float32) -> "CLIPTextProjectionEncoder":
-        return cls(CLIPTextProjectionConfig.from_hf(config), dtype=dtype)
 
     @classmethod
     def adapt_state_dict(cls, state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:

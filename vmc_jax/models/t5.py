@@ -41,6 +41,14 @@ def hf_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return HF_ACTIVATIONS[name]
 
 
+def checked(source: str, check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)``, its ValueError prefixed with the config's ``source`` (a file or "config")."""
+    try:
+        return check(*args)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class T5EncoderConfig:
     """The fields of a transformers ``T5Config`` that the encoder uses (defaults are transformers')."""
@@ -57,11 +65,11 @@ class T5EncoderConfig:
     feed_forward_proj: str = "relu"
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "T5EncoderConfig":
-        """Reads a transformers ``config.json`` dict; missing fields take transformers' defaults."""
-        fields = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
-        result = cls(**fields)
-        hf_activation(result.activation)  # fail at load time, not at the first call
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "T5EncoderConfig":
+        """Reads a transformers ``config.json`` dict (from ``source``, for errors); missing fields take
+        transformers' defaults, other keys are transformers' own and ignored."""
+        result = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+        checked(source, hf_activation, result.activation)  # fail at load time, not at the first call
         return result
 
     @property
@@ -226,6 +234,7 @@ class T5Encoder(nn.Module):
     config: T5EncoderConfig
     dtype: Dtype = jnp.float32
 
+    CONFIG_CLASS: ClassVar[type] = T5EncoderConfig  # reads this module's config.json: CONFIG_CLASS.from_dict
     # The checkpoint's ``encoder.embed_tokens.weight`` is the same tensor as ``shared.weight``
     # (alias -> target); the Flax tree keeps only the target.
     TIED_WEIGHTS: ClassVar[dict[str, str]] = {"encoder.embed_tokens.weight": "shared.weight"}
@@ -245,11 +254,6 @@ class T5Encoder(nn.Module):
     def dummy_inputs(self) -> tuple[jax.Array]:
         """The smallest inputs the model accepts, for ``init`` and shape inference."""
         return (jnp.zeros((1, 1), jnp.int32),)
-
-    @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "T5Encoder":
-        """The encoder described by a transformers T5 ``config.json`` dict."""
-        return cls(T5EncoderConfig.from_hf(config), dtype=dtype)
 
     @classmethod
     def adapt_state_dict(cls, state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:
