@@ -2,7 +2,10 @@
 written back in the hub layout that load_unet and `vmc-jax convert` read."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -118,3 +121,13 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
     config.model.prediction_type = "x0"
     with pytest.raises(ValueError, match="model.prediction_type 'x0': expected one of"):
         world_pretraining.pretrain(config, str(tmp_path / "other"))
+
+
+def test_command_line_bad_value_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vmc_jax.world_pretraining", "--config", "configs/world.py:test",
+                             "--workdir", str(tmp_path), "--config.model.prediction_type=x0"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "world_pretraining: error: model.prediction_type 'x0': expected one of ('epsilon', 'v_prediction', 'sample')")
+    assert "Traceback" not in result.stderr

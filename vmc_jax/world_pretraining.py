@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any, Sequence
 
@@ -233,7 +234,11 @@ def main(argv: list[str]) -> None:
     del argv
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    print(pretrain(flags.FLAGS.config, flags.FLAGS.workdir))
+    try:
+        print(pretrain(flags.FLAGS.config, flags.FLAGS.workdir))
+    except (OSError, ValueError) as err:  # a bad config value or file: one line, exit 2 (as vmc-jax)
+        print(f"world_pretraining: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
