@@ -93,6 +93,9 @@ def run_flax(folder: str, io: dict[str, np.ndarray], warmup: int, repeats: int) 
 
     sys.path.insert(0, REPO)
     import vmc_jax
+    from vmc_jax.xla_cpu import apply_cpu_flags
+
+    apply_cpu_flags()  # what the vmc-jax command runs with
 
     model32, params = vmc_jax.load_unet(folder, dtype=np.float32)
     params = jax.device_put(params)

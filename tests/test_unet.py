@@ -12,6 +12,7 @@ relative to their largest element (crossattn 5.9e-6). Tolerances: 1e-4 for both.
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 
 import vmc_jax
 from vmc_jax.conversion import read_state_dict
+from vmc_jax.models.resnet import TemporalConv
 from vmc_jax.training import merge_params, split_params
 from conftest import SHOW1_FIXTURES, channels_last, fixture_inputs, load_fixture
 
@@ -103,3 +105,13 @@ def test_dropout_only_in_train_mode(keyframes):
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3
     assert np.abs(a - np.moveaxis(io["out"], 1, -1)).max() > 1e-3
+
+
+def test_temporal_conv_is_the_3d_convolution_it_replaces():
+    """Same parameters as ``nn.Conv(features, (3, 1, 1))`` (so checkpoints load), same output."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4, 6))
+    ours = TemporalConv(7)
+    params = ours.init(jax.random.PRNGKey(1), x)
+    conv3d = nn.Conv(7, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv3d.init(jax.random.PRNGKey(1), x))
+    np.testing.assert_allclose(ours.apply(params, x), conv3d.apply(params, x), atol=1e-5)

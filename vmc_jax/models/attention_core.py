@@ -5,8 +5,8 @@
 
 * ``"xla"``: the plain form; the score matrix is materialised (fastest for short sequences);
 * ``"blocked"``: memory-efficient attention, an online softmax over key blocks (``lax.scan``)
-  for one query block at a time (``lax.map``); O(n) memory, float32 accumulation, and each key
-  block is recomputed in the backward pass so gradients stay O(n) too;
+  for one query block at a time (``lax.map``), with FlashAttention's backward pass (a custom
+  VJP that recomputes each block's scores); O(n) memory both ways, float32 accumulation;
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, fp16 / bf16);
 * ``"pallas_tpu"``: the Pallas flash-attention kernel of ``jax.experimental.pallas.ops.tpu``;
 * ``"auto"``: the kernel of the backend when it applies, else blocked for long sequences and
@@ -30,8 +30,11 @@ IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas_tpu")
 # applies: on the CPU small blocks stay in cache and beat the plain form from a few hundred
 # tokens on, forward and backward (measured in benchmarks/README.md).
 BLOCKED_MIN_SCORES = 256 * 256
+# Block sizes of blocked attention, measured on the CPU at the UNets' sizes (benchmarks/README.md):
+# long key blocks mean fewer online-softmax rescalings, and a sequence up to twice a block is one
+# block (no loop trip, no padded block).
 QUERY_BLOCK = 128
-KEY_BLOCK = 256
+KEY_BLOCK = 1024
 
 _log = logging.getLogger(__name__)
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -114,29 +117,32 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)]) if extra else x
 
 
-def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
-                      query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> jax.Array:
-    """Online-softmax attention over key blocks, one query block at a time: O(n) memory."""
-    batch, q_len, heads, _ = query.shape
-    k_len = key.shape[1]
-    query_block, key_block = min(query_block, q_len), min(key_block, k_len)
+def _block_scores(q: jax.Array, k: jax.Array, start: jax.Array, scale: float, k_len: int) -> jax.Array:
+    """Scaled float32 scores of a query block against a key block; padded keys get _MASKED."""
+    s = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+    if k_len % k.shape[2]:  # the last key block is padded
+        s = jnp.where(start + jnp.arange(k.shape[2]) < k_len, s, _MASKED)
+    return s
 
-    def blocks(x, size):  # (batch, seq, heads, d) -> (blocks, batch, heads, size, d), zero-padded
-        x = _pad_to(x, 1, size)
-        return x.reshape(batch, -1, size, heads, x.shape[-1]).transpose(1, 0, 3, 2, 4)
 
-    keys, values = blocks(key, key_block), blocks(value, key_block)
-    starts = jnp.arange(keys.shape[0]) * key_block
+def _key_starts(keys: jax.Array) -> jax.Array:
+    return jnp.arange(keys.shape[0]) * keys.shape[3]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(queries: jax.Array, keys: jax.Array, values: jax.Array, scale: float, k_len: int) -> jax.Array:
+    """Blocked attention over (blocks, batch, heads, block, d) operands; see ``blocked_attention``."""
+    return _flash_forward(queries, keys, values, scale, k_len)[0]
+
+
+def _flash_forward(queries, keys, values, scale, k_len):
+    """Output blocks and the log-sum-exp of every query's scores (all the backward pass keeps)."""
 
     def one_query_block(q):
-        q = q * jnp.asarray(scale, q.dtype)
-
-        @jax.checkpoint
         def step(carry, block):
             top, total, acc = carry
             k, v, start = block
-            s = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
-            s = jnp.where(start + jnp.arange(key_block) < k_len, s, _MASKED)
+            s = _block_scores(q, k, start, scale, k_len)
             new_top = jnp.maximum(top, s.max(-1))
             p = jnp.exp(s - new_top[..., None])
             keep = jnp.exp(top - new_top)
@@ -146,14 +152,65 @@ def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale:
 
         shape = q.shape[:-1]
         init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros((*shape, value.shape[-1]), jnp.float32))
-        (_, total, acc), _ = jax.lax.scan(step, init, (keys, values, starts))
-        return acc / total[..., None]
+                jnp.zeros((*shape, values.shape[-1]), jnp.float32))
+        (top, total, acc), _ = jax.lax.scan(step, init, (keys, values, _key_starts(keys)))
+        return (acc / total[..., None]).astype(values.dtype), top + jnp.log(total)
 
-    # Checkpointed too, so the backward pass keeps only the inputs of each query block: O(n) memory.
-    out = jax.lax.map(jax.checkpoint(one_query_block), blocks(query, query_block))  # (blocks, b, n, block, h)
+    out, logsumexp = jax.lax.map(one_query_block, queries)
+    return out, (queries, keys, values, out, logsumexp)
+
+
+def _flash_backward(scale, k_len, residuals, d_out):
+    """FlashAttention's backward: scores recomputed block by block from the saved log-sum-exp."""
+    queries, keys, values, out, logsumexp = residuals
+    # The softmax's own term of dS = P * (dP - rowsum(dO * O)), one number a query.
+    d_rows = jnp.einsum("xbnqh,xbnqh->xbnq", d_out, out, preferred_element_type=jnp.float32)
+
+    def one_query_block(carry, block):
+        d_keys, d_values = carry
+        q, d_o, lse, d_row = block
+
+        def step(d_q, key_block):
+            k, v, start = key_block
+            p = jnp.exp(_block_scores(q, k, start, scale, k_len) - lse[..., None])
+            d_v = jnp.einsum("bnqk,bnqh->bnkh", p.astype(d_o.dtype), d_o, preferred_element_type=jnp.float32)
+            d_p = jnp.einsum("bnqh,bnkh->bnqk", d_o, v, preferred_element_type=jnp.float32)
+            d_s = (p * (d_p - d_row[..., None]) * scale).astype(q.dtype)
+            d_q = d_q + jnp.einsum("bnqk,bnkh->bnqh", d_s, k, preferred_element_type=jnp.float32)
+            d_k = jnp.einsum("bnqk,bnqh->bnkh", d_s, q, preferred_element_type=jnp.float32)
+            return d_q, (d_k, d_v)
+
+        d_q, (d_k, d_v) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (keys, values, _key_starts(keys)))
+        return (d_keys + d_k, d_values + d_v), d_q
+
+    zeros = (jnp.zeros(keys.shape, jnp.float32), jnp.zeros(values.shape, jnp.float32))
+    (d_keys, d_values), d_queries = jax.lax.scan(one_query_block, zeros, (queries, d_out, logsumexp, d_rows))
+    return d_queries.astype(queries.dtype), d_keys.astype(keys.dtype), d_values.astype(values.dtype)
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
+
+
+def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
+                      query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> jax.Array:
+    """FlashAttention-style attention: an online softmax over key blocks, one query block at a time.
+
+    ``query_block`` / ``key_block`` are block sizes; a sequence up to twice its block is one block.
+    O(n) memory forward and backward: the backward pass keeps only the inputs, the output and
+    one log-sum-exp a query, and recomputes each block's scores (a custom VJP, so no
+    forward-pass bookkeeping is differentiated). Float32 scores and accumulation.
+    """
+    batch, q_len, heads, _ = query.shape
+    k_len = key.shape[1]
+
+    def blocks(x, size):  # (batch, seq, heads, d) -> (blocks, batch, heads, size, d), zero-padded
+        size = x.shape[1] if x.shape[1] <= 2 * size else size
+        x = _pad_to(x, 1, size)
+        return x.reshape(batch, -1, size, heads, x.shape[-1]).transpose(1, 0, 3, 2, 4)
+
+    out = _flash(blocks(query, query_block), blocks(key, key_block), blocks(value, key_block), scale, k_len)
     out = out.transpose(1, 0, 3, 2, 4).reshape(batch, -1, heads, value.shape[-1])
-    return out[:, :q_len].astype(value.dtype)
+    return out[:, :q_len]
 
 
 def _cudnn_attention(query, key, value, scale):

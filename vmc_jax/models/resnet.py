@@ -100,6 +100,29 @@ class Upsample2D(nn.Module):
         return conv2d(self.out_channels, 3, self.dtype, "conv")(upsample_nearest(x))
 
 
+class TemporalConv(nn.Module):
+    """A (3, 1, 1) convolution along frames, run as a 2D convolution over (frames, pixels).
+
+    The kernel keeps ``nn.Conv``'s 3D layout ``(3, 1, 1, in, out)``, so checkpoints and their
+    conversion are unchanged; XLA:CPU runs the 2D form up to ~3x faster than the 3D one.
+    """
+
+    features: int
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, f, h, w, c = x.shape
+        kernel_init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+        kernel = self.param("kernel", kernel_init, (3, 1, 1, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(x.reshape(b, f, h * w, c), kernel[:, :, 0], (1, 1), ((1, 1), (0, 0)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return (y + bias).reshape(b, f, h, w, self.features)
+
+
 class TemporalConvLayer(nn.Module):
     """Four (GroupNorm -> SiLU [-> dropout] -> Conv3d (3, 1, 1)) stages along frames, plus the input.
 
@@ -122,10 +145,5 @@ class TemporalConvLayer(nn.Module):
             h = nn.silu(GroupNorm(self.groups, 1e-5, dtype=self.dtype, name=f"conv{stage}_0")(h))
             if stage > 1:
                 h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-            zero = nn.initializers.zeros if stage == 4 else None
-            h = nn.Conv(
-                channels, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), dtype=self.dtype,
-                name=f"conv{stage}_{conv_index}",
-                **({"kernel_init": zero, "bias_init": zero} if zero else {}),
-            )(h)
+            h = TemporalConv(channels, zero_init=stage == 4, dtype=self.dtype, name=f"conv{stage}_{conv_index}")(h)
         return x + h
