@@ -2,8 +2,9 @@
 
 Each step moves ``x`` from the noise level ``a_cur`` up to ``a_next = alphas_cumprod[t]``,
 using the noise the model predicts at timestep ``t`` (from the first ``C`` output channels, read
-as the scheduler's ``prediction_type`` says; the rest are the learned variance). The whole loop is one ``lax.scan`` under ``jit``; ``pmap_ddim_invert``
-splits a batch of clips over the devices of a mesh (`vmc_jax.parallel`).
+as the scheduler's ``prediction_type`` says; the rest are the learned variance). The whole loop
+is one ``lax.scan`` under ``jit``; ``pmap_ddim_invert`` splits a batch of clips over the devices
+of a mesh (`vmc_jax.parallel`).
 """
 
 from __future__ import annotations

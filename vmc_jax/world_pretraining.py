@@ -6,8 +6,9 @@ words in the tokenizer), trains every UNet parameter with the plain denoising MS
 train step as VMC, on fresh world clips each step, and writes the EMA of the weights back into
 ``pipeline/unet`` so that ``vmc-jax convert`` and ``load_unet`` read the result. The model predicts
 ``config.model.prediction_type`` (the shipped one: epsilon, as Show-1's keyframe model; README's
-"The moving-shapes world" says what a v-prediction run changed). The T5 encoder stays as drawn (frozen, as Show-1 and IF keep theirs): its states
-differ per word, and the UNet's text projection learns to read them. A killed run started again
+"The moving-shapes world" says what a v-prediction run changed). The T5 encoder stays as drawn
+(frozen, as Show-1 and IF keep theirs): its states differ per word, and the UNet's text
+projection learns to read them. A killed run started again
 resumes from its last checkpoint.
 
     python -m vmc_jax.world_pretraining --config configs/world.py:16x24 --workdir workdirs/world
