@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vmc_jax", "vmc_jax.*"]),
-    package_data={"vmc_jax": ["assets/*"]},  # the pretrained moving-shapes world UNet (fp16) and its loss log
+    # the pretrained moving-shapes world UNet (fp16) and its loss log; the CPU kernels, built on first use
+    package_data={"vmc_jax": ["assets/*", "kernels/*.cc"]},
     install_requires=[
         "jax>=0.4.30",
         "flax>=0.10",

@@ -92,6 +92,25 @@ class AddedKVAttention(nn.Module):
         return out.reshape(x.shape) + x
 
 
+class GatedProjection(nn.Module):
+    """A dense layer of ``2 * features`` outputs (nn.Dense's parameters) returned as its two halves.
+
+    Each half is its own product with half the kernel: XLA:CPU otherwise writes the whole output
+    and copies the halves out (GEGLU's projection ran ~3x slower that way).
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 2 * self.features))
+        bias = self.param("bias", nn.initializers.zeros, (2 * self.features,))
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        return tuple(jnp.dot(x, kernel[:, half]) + bias[half]
+                     for half in (slice(None, self.features), slice(self.features, None)))
+
+
 class ProjectedGELU(nn.Module):
     """A projection followed by GELU, gated (GEGLU) or not: the ``proj`` of diffusers' GEGLU / GELU."""
 
@@ -102,7 +121,7 @@ class ProjectedGELU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind == "geglu":
-            hidden, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+            hidden, gate = GatedProjection(self.features, dtype=self.dtype, name="proj")(x)
             return hidden * nn.gelu(gate, approximate=False)
         if self.kind in ("gelu", "gelu-approximate"):
             x = nn.Dense(self.features, dtype=self.dtype, name="proj")(x)

@@ -9,8 +9,12 @@
   VJP that recomputes each block's scores); O(n) memory both ways, float32 accumulation;
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, fp16 / bf16);
 * ``"pallas_tpu"``: the Pallas flash-attention kernel of ``jax.experimental.pallas.ops.tpu``;
-* ``"auto"``: the kernel of the backend when it applies, else blocked for long sequences and
-  the plain form for short ones.
+* ``"cpu_flash"``: FlashAttention forward and backward as native CPU kernels
+  (``vmc_jax/kernels/flash_attention_cpu.cc``, built on first use by ``vmc_jax/cpu_kernels.py``);
+  O(n) memory, float32 inside;
+* ``"auto"``: the kernel of the backend when it applies (on the CPU: from CPU_FLASH_MIN_SCORES
+  scores on, with one CPU device), else blocked for long sequences and the plain form for short
+  ones.
 
 A kernel that cannot run on the current backend or for these inputs falls back to what
 ``"auto"`` would pick without it, with one log line per reason.
@@ -23,8 +27,12 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas_tpu")
+from vmc_jax import cpu_kernels
+
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas_tpu", "cpu_flash")
+BACKEND_KERNELS = {"gpu": "cudnn", "tpu": "pallas_tpu", "cpu": "cpu_flash"}
 
 # From this many scores per (batch, head) on, "auto" uses blocked attention where no kernel
 # applies: on the CPU small blocks stay in cache and beat the plain form from a few hundred
@@ -35,6 +43,15 @@ BLOCKED_MIN_SCORES = 256 * 256
 # block (no loop trip, no padded block).
 QUERY_BLOCK = 128
 KEY_BLOCK = 1024
+# From this many scores per (batch, head) on, "auto" uses the CPU kernel where it is built: ~2x
+# faster forward than blocked or plain attention from 160x237 scores on, and no faster at
+# 160x77; the plain form stays for the temporal attentions' few frames (benchmarks/README.md).
+CPU_FLASH_MIN_SCORES = 128 * 128
+# The CPU kernel's queries a task (at most kMaxRows, a multiple of kTileR) and the multiple its
+# keys are padded to (kTileC), as in kernels/flash_attention_cpu.cc.
+CPU_FLASH_ROWS = 32
+CPU_FLASH_ROW_TILE = 4
+CPU_FLASH_KEYS = 16
 
 _log = logging.getLogger(__name__)
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -69,6 +86,14 @@ def _kernel_unsupported(implementation: str, backend: str, q_len: int, k_len: in
         if has_mask:
             return "the Pallas path here takes no mask"
         return None
+    if implementation == "cpu_flash":
+        if backend != "cpu":
+            return f"backend is {backend}, the kernel is for the CPU"
+        if head_dim % 8:
+            return f"the CPU kernel needs a head size that is a multiple of 8, got {head_dim}"
+        if has_bias or has_mask:
+            return "the CPU kernel takes no bias or mask"
+        return cpu_kernels.unavailable_reason()
     if implementation == "blocked" and (has_bias or has_mask):
         return "blocked attention takes no bias or mask"
     return None
@@ -76,8 +101,12 @@ def _kernel_unsupported(implementation: str, backend: str, q_len: int, k_len: in
 
 def resolve_implementation(requested: str, *, backend: str, q_len: int, k_len: int, head_dim: int,
                            dtype: jnp.dtype = jnp.float32, has_bias: bool = False,
-                           has_mask: bool = False) -> str:
-    """The implementation that runs for ``requested`` on ``backend`` with these inputs."""
+                           has_mask: bool = False, devices: int = 1) -> str:
+    """The implementation that runs for ``requested`` on ``backend`` with these inputs.
+
+    ``devices`` is the process's device count: "auto" leaves the CPU kernel out on several CPU
+    devices, as an FFI call has no sharding rule (XLA would gather its operands onto every one).
+    """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {requested!r} is not one of {IMPLEMENTATIONS}")
     args = (backend, q_len, k_len, head_dim, dtype, has_bias, has_mask)
@@ -85,7 +114,9 @@ def resolve_implementation(requested: str, *, backend: str, q_len: int, k_len: i
     if _kernel_unsupported("blocked", *args):
         portable = "xla"
     if requested == "auto":
-        kernel = {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(backend)
+        kernel = BACKEND_KERNELS.get(backend)
+        if kernel == "cpu_flash" and (q_len * k_len < CPU_FLASH_MIN_SCORES or devices > 1):
+            return portable
         return kernel if kernel and not _kernel_unsupported(kernel, *args) else portable
     reason = _kernel_unsupported(requested, *args)
     if reason is None:
@@ -191,6 +222,21 @@ def _flash_backward(scale, k_len, residuals, d_out):
 _flash.defvjp(_flash_forward, _flash_backward)
 
 
+def _to_blocks(x: jax.Array, size: int) -> jax.Array:
+    """(batch, seq, heads, d) -> (blocks, batch, heads, size, d), zero-padded; a sequence up to
+    twice ``size`` is one block."""
+    batch, length, heads, d = x.shape
+    size = length if length <= 2 * size else size
+    x = _pad_to(x, 1, size)
+    return x.reshape(batch, -1, size, heads, d).transpose(1, 0, 3, 2, 4)
+
+
+def _from_blocks(x: jax.Array, length: int) -> jax.Array:
+    """The inverse of ``_to_blocks``: (blocks, batch, heads, size, d) -> (batch, length, heads, d)."""
+    blocks, batch, heads, size, d = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(batch, blocks * size, heads, d)[:, :length]
+
+
 def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
                       query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> jax.Array:
     """FlashAttention-style attention: an online softmax over key blocks, one query block at a time.
@@ -200,17 +246,72 @@ def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale:
     one log-sum-exp a query, and recomputes each block's scores (a custom VJP, so no
     forward-pass bookkeeping is differentiated). Float32 scores and accumulation.
     """
-    batch, q_len, heads, _ = query.shape
-    k_len = key.shape[1]
+    out = _flash(_to_blocks(query, query_block), _to_blocks(key, key_block), _to_blocks(value, key_block),
+                 scale, key.shape[1])
+    return _from_blocks(out, query.shape[1])
 
-    def blocks(x, size):  # (batch, seq, heads, d) -> (blocks, batch, heads, size, d), zero-padded
-        size = x.shape[1] if x.shape[1] <= 2 * size else size
-        x = _pad_to(x, 1, size)
-        return x.reshape(batch, -1, size, heads, x.shape[-1]).transpose(1, 0, 3, 2, 4)
 
-    out = _flash(blocks(query, query_block), blocks(key, key_block), blocks(value, key_block), scale, k_len)
-    out = out.transpose(1, 0, 3, 2, 4).reshape(batch, -1, heads, value.shape[-1])
-    return out[:, :q_len]
+def cpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float) -> jax.Array:
+    """Attention by the native CPU kernels, forward and backward (float32 inside).
+
+    (batch, seq, heads, head_dim) in and out; the head size must be a multiple of 8, and the
+    kernels must be built (``cpu_kernels.unavailable_reason()`` is None).
+    """
+    return _cpu_flash(query, key, value, scale)
+
+
+def _cpu_kernel_layout(x: jax.Array, multiple: int) -> jax.Array:
+    """(batch, seq, heads, ...) -> (batch, heads, seq zero-padded to a multiple, ...), float32."""
+    return _pad_to(x.astype(jnp.float32), 1, multiple).swapaxes(1, 2)
+
+
+def _cpu_kernel_rows(q_len: int) -> int:
+    """Queries a kernel task: CPU_FLASH_ROWS, or all of a short sequence rounded up to a tile."""
+    return min(CPU_FLASH_ROWS, -(-q_len // CPU_FLASH_ROW_TILE) * CPU_FLASH_ROW_TILE)
+
+
+def _call_cpu_kernel(target: str, results: tuple, *operands: jax.Array, scale: float, k_len: int,
+                     rows: int) -> tuple:
+    reason = cpu_kernels.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the CPU attention kernel is unavailable: {reason}")
+    shapes = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in results)
+    return jax.ffi.ffi_call(target, shapes, vmap_method="broadcast_all")(
+        *operands, scale=np.float32(scale), k_len=np.int64(k_len), rows=np.int64(rows))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cpu_flash(query, key, value, scale):
+    return _cpu_flash_forward(query, key, value, scale)[0]
+
+
+def _cpu_flash_forward(query, key, value, scale):
+    q_len, rows = query.shape[1], _cpu_kernel_rows(query.shape[1])
+    q = _cpu_kernel_layout(query, rows)
+    out, logsumexp = _call_cpu_kernel(
+        "vmc_flash_attention_forward", (q.shape, q.shape[:-1]), q,
+        _cpu_kernel_layout(key, CPU_FLASH_KEYS).swapaxes(-1, -2), _cpu_kernel_layout(value, CPU_FLASH_KEYS),
+        scale=scale, k_len=key.shape[1], rows=rows)
+    out = out[:, :, :q_len].swapaxes(1, 2).astype(value.dtype)
+    return out, (query, key, value, out, logsumexp)
+
+
+def _cpu_flash_backward(scale, residuals, d_out):
+    query, key, value, out, logsumexp = residuals
+    q_len, k_len, rows = query.shape[1], key.shape[1], _cpu_kernel_rows(query.shape[1])
+    k = _cpu_kernel_layout(key, CPU_FLASH_KEYS)
+    # The softmax's own term of dS = P * (dP - rowsum(dO * O)), one number a query.
+    d_row = jnp.einsum("bqnh,bqnh->bqn", d_out, out, preferred_element_type=jnp.float32)
+    d_q, d_k, d_v = _call_cpu_kernel(
+        "vmc_flash_attention_backward", ((*logsumexp.shape, query.shape[-1]), k.shape, k.shape),
+        _cpu_kernel_layout(query, rows), k, k.swapaxes(-1, -2),
+        _cpu_kernel_layout(value, CPU_FLASH_KEYS).swapaxes(-1, -2), _cpu_kernel_layout(d_out, rows), logsumexp,
+        _cpu_kernel_layout(d_row, rows), scale=scale, k_len=k_len, rows=rows)
+    return tuple(g[:, :, :length].swapaxes(1, 2).astype(x.dtype)
+                 for g, length, x in ((d_q, q_len, query), (d_k, k_len, key), (d_v, k_len, value)))
+
+
+_cpu_flash.defvjp(_cpu_flash_forward, _cpu_flash_backward)
 
 
 def _cudnn_attention(query, key, value, scale):
@@ -254,12 +355,15 @@ def dot_product_attention(
         mask = not_later if mask is None else mask & not_later
     chosen = resolve_implementation(
         implementation, backend=jax.default_backend(), q_len=query.shape[1], k_len=key.shape[1],
-        head_dim=query.shape[-1], dtype=query.dtype, has_bias=bias is not None, has_mask=mask is not None)
+        head_dim=query.shape[-1], dtype=query.dtype, has_bias=bias is not None, has_mask=mask is not None,
+        devices=jax.device_count())
     if chosen == "blocked":
         return blocked_attention(query, key, value, scale)
     if chosen == "cudnn":
         return _cudnn_attention(query, key, value, scale)
     if chosen == "pallas_tpu":
         return _pallas_tpu_attention(query, key, value, scale, bias)
+    if chosen == "cpu_flash":
+        return cpu_flash_attention(query, key, value, scale)
     return plain_attention(query, key, value, scale, bias, mask)
 
