@@ -28,15 +28,17 @@ import jax
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 FLASH_ATTENTION_SOURCE = "flash_attention_cpu.cc"
+FLASH_FORWARD = "vmc_flash_attention_forward"
+FLASH_BACKWARD = "vmc_flash_attention_backward"
 # FFI target name -> the handler's symbol in the built library.
-FLASH_ATTENTION_TARGETS = {"vmc_flash_attention_forward": "VmcFlashAttentionForward",
-                           "vmc_flash_attention_backward": "VmcFlashAttentionBackward"}
+FLASH_ATTENTION_TARGETS = {FLASH_FORWARD: "VmcFlashAttentionForward", FLASH_BACKWARD: "VmcFlashAttentionBackward"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _log = logging.getLogger(__name__)
 
 
 def cache_dir() -> str:
+    """Where built kernels are kept: ``$VMC_JAX_KERNEL_CACHE``, else ``~/.cache/vmc_jax/kernels``."""
     return os.environ.get("VMC_JAX_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vmc_jax", "kernels")
 
 

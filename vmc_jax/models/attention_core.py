@@ -272,6 +272,7 @@ def _cpu_kernel_rows(q_len: int) -> int:
 
 def _call_cpu_kernel(target: str, results: tuple, *operands: jax.Array, scale: float, k_len: int,
                      rows: int) -> tuple:
+    """Runs one of the CPU kernels (built on first use) on float32 operands; float32 results."""
     reason = cpu_kernels.unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {reason}")
@@ -289,7 +290,7 @@ def _cpu_flash_forward(query, key, value, scale):
     q_len, rows = query.shape[1], _cpu_kernel_rows(query.shape[1])
     q = _cpu_kernel_layout(query, rows)
     out, logsumexp = _call_cpu_kernel(
-        "vmc_flash_attention_forward", (q.shape, q.shape[:-1]), q,
+        cpu_kernels.FLASH_FORWARD, (q.shape, q.shape[:-1]), q,
         _cpu_kernel_layout(key, CPU_FLASH_KEYS).swapaxes(-1, -2), _cpu_kernel_layout(value, CPU_FLASH_KEYS),
         scale=scale, k_len=key.shape[1], rows=rows)
     out = out[:, :, :q_len].swapaxes(1, 2).astype(value.dtype)
@@ -303,7 +304,7 @@ def _cpu_flash_backward(scale, residuals, d_out):
     # The softmax's own term of dS = P * (dP - rowsum(dO * O)), one number a query.
     d_row = jnp.einsum("bqnh,bqnh->bqn", d_out, out, preferred_element_type=jnp.float32)
     d_q, d_k, d_v = _call_cpu_kernel(
-        "vmc_flash_attention_backward", ((*logsumexp.shape, query.shape[-1]), k.shape, k.shape),
+        cpu_kernels.FLASH_BACKWARD, ((*logsumexp.shape, query.shape[-1]), k.shape, k.shape),
         _cpu_kernel_layout(query, rows), k, k.swapaxes(-1, -2),
         _cpu_kernel_layout(value, CPU_FLASH_KEYS).swapaxes(-1, -2), _cpu_kernel_layout(d_out, rows), logsumexp,
         _cpu_kernel_layout(d_row, rows), scale=scale, k_len=k_len, rows=rows)
