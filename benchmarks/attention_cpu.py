@@ -15,11 +15,12 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from unet_forward import time_calls  # noqa: E402
 from vmc_jax.xla_cpu import apply_cpu_flags  # noqa: E402
 
 # (batch, q_len, k_len, heads, head_dim): spatial self-attention at 20x32 (+77 text tokens as
@@ -29,13 +30,7 @@ IMPLEMENTATIONS = ("xla", "blocked", "cpu_flash")
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return float(np.median(time_calls(fn, warmup=1, repeats=repeats))) * 1e3
 
 
 def jax_times(shape, implementation: str, repeats: int):
