@@ -25,6 +25,9 @@ def get_config(arg: str = "16x24") -> ml_collections.ConfigDict:
 
     # Show-1 base's keyframe UNet shrunk: the same block types, fewer and narrower levels.
     config.model = ml_collections.ConfigDict(world_pretraining.PRETRAINED_MODEL)
+    # Groups of 8 channels at width 32: with 32 groups (one channel each) the last norm removes every
+    # frame's mean colour (issue 24); world_pretraining refuses fewer than 4 channels a group.
+    config.model.norm_num_groups = 8
 
     config.train = ml_collections.ConfigDict()
     # The shipped model's run (one H200, 0.10 s a step): the cosine schedule of 8000 steps, stopped at

@@ -131,3 +131,35 @@ def test_noise_holds_no_object():
     noise = np.random.default_rng(3).uniform(0, 1, (FRAMES, HEIGHT, WIDTH, 3)).astype(np.float32)
     reading = evaluation.read_clip(noise)
     assert not reading.found.any() and reading.shape == "none"
+
+
+@pytest.mark.parametrize("rgb", [(0.0, 0.55, 0.45), (0.45, 0.3, 0.15)])  # teal and brown: no world background
+def test_a_background_far_from_every_name_is_none(rgb):
+    clip = render(background="grass")
+    grass = np.array(world.BACKGROUNDS["grass"][0], np.float32)
+    recoloured = np.where(np.all(np.isclose(clip, grass), -1, keepdims=True), np.float32(rgb), clip)
+    metrics = evaluation.appearance(evaluation.read_clip(recoloured), world.prompt_for("red", "square", "grass"))
+    assert metrics["background"] == "none" and not metrics["background_ok"]
+    assert metrics["colour"] == "red"  # the object is still named
+
+
+def test_an_object_colour_between_names_is_none():
+    prompt = world.prompt_for("red", "square", "snow")
+    clip = render()
+    red = np.array(world.COLOURS["red"], np.float32)
+    grey = np.where(np.all(np.isclose(clip, red), -1, keepdims=True), np.float32(0.45), clip)
+    assert evaluation.read_clip(grey).colour == "none"
+    assert evaluation.name_cutoff(world.COLOURS) < np.linalg.norm(np.float32(0.45) - red)
+
+
+def test_background_flicker_is_the_spread_of_frame_backgrounds():
+    clip = render()
+    assert evaluation.read_clip(clip).background_flicker == pytest.approx(0.0, abs=1e-6)
+    # every other frame's background brighter by d in each channel: the RMS distance from the mean is d * sqrt(3) / 2
+    d = 0.04
+    steps = np.where(np.arange(FRAMES) % 2 == 0, d, 0.0).astype(np.float32)[:, None, None, None]
+    snow = np.all(np.isclose(clip, np.array(world.BACKGROUNDS["snow"][0], np.float32)), -1, keepdims=True)
+    flickering = np.where(snow, clip - steps, clip)
+    metrics = evaluation.appearance(evaluation.read_clip(flickering), world.prompt_for("red", "square", "snow"))
+    assert metrics["background_flicker"] == pytest.approx(d * np.sqrt(3) / 2, rel=1e-3)
+    assert metrics["background_ok"]

@@ -33,6 +33,9 @@ MAX_AREA_FRACTION = 0.25
 CORE = 0.85
 # The least colour distance (RGB in [0, 1]) at which an object is told from a plain background.
 MIN_CONTRAST = 0.15
+# A colour is named after the nearest of the world's colours (or backgrounds) only if it is within this
+# fraction of the distance between the two closest of them, so at most one name fits; else "none".
+NAME_CUTOFF = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ClipReading:
     colour: str
     shape: str
     background: str
+    background_flicker: float
 
 
 def as_unit_rgb(video: np.ndarray, source: str = "video") -> np.ndarray:
@@ -130,6 +134,25 @@ def _nearest(value: np.ndarray, named: Mapping[str, Any]) -> str:
     return min(named, key=lambda name: np.linalg.norm(np.subtract(value, named[name])))
 
 
+def name_cutoff(named: Mapping[str, Any]) -> float:
+    """The farthest a colour may be from a name in ``named`` to be called by it (see ``NAME_CUTOFF``)."""
+    values = list(named.values())
+    return NAME_CUTOFF * min(np.linalg.norm(np.subtract(a, b)) for i, a in enumerate(values) for b in values[i + 1:])
+
+
+def colour_name(rgb: np.ndarray, named: Mapping[str, Any]) -> str:
+    """The name in ``named`` nearest to ``rgb``, or "none" if even that is farther than :func:`name_cutoff`."""
+    name = _nearest(rgb, named)
+    return name if np.linalg.norm(np.subtract(rgb, named[name])) <= name_cutoff(named) else "none"
+
+
+def background_flicker(video: np.ndarray, membership: np.ndarray) -> float:
+    """How much the background's colour moves from frame to frame: the RMS distance (RGB in [0, 1]) of
+    each frame's background (median of its pixels off the object) from their mean over frames."""
+    per_frame = np.stack([np.median(frame[weight < 0.5], axis=0) for frame, weight in zip(video, membership)])
+    return float(np.sqrt(np.mean(np.sum((per_frame - per_frame.mean(0)) ** 2, -1))))
+
+
 def read_clip(video: np.ndarray, source: str = "video") -> ClipReading:
     """Finds the object in every frame of ``video`` (uint8, or float in [0, 1]) and names what it looks like."""
     video = as_unit_rgb(video, source)
@@ -141,13 +164,13 @@ def read_clip(video: np.ndarray, source: str = "video") -> ClipReading:
     with np.errstate(invalid="ignore", divide="ignore"):
         track = np.stack([(membership * xs).sum(axis=(1, 2)), (membership * ys).sum(axis=(1, 2))], -1) / area[:, None]
     track[~found] = np.nan
+    background, flicker = colour_name(background_rgb, _BACKGROUND_RGB), background_flicker(video, membership)
     if not found.any():
         return ClipReading(track, found, object_rgb, background_rgb, np.full(2, np.nan), "none", "none",
-                           _nearest(background_rgb, _BACKGROUND_RGB))
+                           background, flicker)
     descriptor = np.nanmedian(shape_descriptor(membership), axis=0)
-    return ClipReading(track, found, object_rgb, background_rgb, descriptor, _nearest(object_rgb, world.COLOURS),
-                       _nearest(descriptor, shape_prototypes(*video.shape[1:3])),
-                       _nearest(background_rgb, _BACKGROUND_RGB))
+    return ClipReading(track, found, object_rgb, background_rgb, descriptor, colour_name(object_rgb, world.COLOURS),
+                       _nearest(descriptor, shape_prototypes(*video.shape[1:3])), background, flicker)
 
 
 def motion_error(reference: ClipReading, generated: ClipReading, diagonal: float) -> float:
@@ -172,6 +195,7 @@ def appearance(reading: ClipReading, target_prompt: str) -> dict[str, Any]:
         "target_prompt": target_prompt,
         "found_fraction": float(reading.found.mean()),
         "track_jerk_px": _finite_or_none(track_jerk(reading)),
+        "background_flicker": reading.background_flicker,
         "colour": reading.colour, "shape": reading.shape, "background": reading.background,
         "fill_ratio": _finite_or_none(reading.shape_descriptor[0]),
         "vertical_skew": _finite_or_none(reading.shape_descriptor[1]),
@@ -213,8 +237,8 @@ def summarise(per_clip: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
         values = [float(m[key]) for m in per_clip if m.get(key) is not None]
         return float(np.mean(values)) if values else None
 
-    keys = ("motion_error_px", "found_fraction", "track_jerk_px", "colour_ok", "shape_ok", "background_ok",
-            "appearance_ok", "colour_leak", "background_leak")
+    keys = ("motion_error_px", "found_fraction", "track_jerk_px", "background_flicker", "colour_ok", "shape_ok",
+            "background_ok", "appearance_ok", "colour_leak", "background_leak")
     return {"clips": len(per_clip), **{key: mean(key) for key in keys}}
 
 

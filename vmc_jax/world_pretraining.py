@@ -46,7 +46,11 @@ SCHEDULER_CONFIG = {**tiny_pipeline.SCHEDULER_CONFIG, "_class_name": "DDIMSchedu
 PRETRAINED_UNET = os.path.join(os.path.dirname(__file__), "assets", "world_unet.fp16.safetensors")
 PRETRAINED_SEED = 0
 PRETRAINED_MODEL = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 16,
-                    "prediction_type": "epsilon"}
+                    "norm_num_groups": 32, "prediction_type": "epsilon"}
+# Fewest channels a GroupNorm group may have in a model pretrained here: with one channel a group,
+# ``conv_norm_out`` (no residual around it) is a per-frame instance norm, and the UNet cannot output a
+# frame's mean colour, which is what the prompt says at high noise (issue 24).
+MIN_CHANNELS_PER_GROUP = 4
 EXPORT_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -60,6 +64,7 @@ def world_unet_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
         "block_out_channels": list(model.block_out_channels),
         "layers_per_block": model.layers_per_block,
         "attention_head_dim": model.attention_head_dim,
+        "norm_num_groups": model.norm_num_groups,
         "down_block_types": ["ResnetDownsampleBlock3D"] + ["SimpleCrossAttnDownBlock3D"] * (levels - 1),
         "up_block_types": ["SimpleCrossAttnUpBlock3D"] * (levels - 1) + ["ResnetUpsampleBlock3D"],
     }
@@ -121,9 +126,22 @@ def write_pretrained_pipeline(folder: str) -> str:
     return folder
 
 
+def check_group_norms(model: ml_collections.ConfigDict) -> None:
+    """Refuses widths and ``norm_num_groups`` whose GroupNorms have fewer than ``MIN_CHANNELS_PER_GROUP``
+    channels a group (or do not divide)."""
+    for channels in model.block_out_channels:
+        if channels % model.norm_num_groups or channels // model.norm_num_groups < MIN_CHANNELS_PER_GROUP:
+            raise ValueError(
+                f"model.norm_num_groups={model.norm_num_groups} with model.block_out_channels="
+                f"{list(model.block_out_channels)}: a GroupNorm over {channels} channels needs groups of "
+                f">= {MIN_CHANNELS_PER_GROUP} channels (with one a group the UNet cannot output a frame's mean colour); "
+                f"use norm_num_groups <= {max(1, channels // MIN_CHANNELS_PER_GROUP)} dividing every width")
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains (or resumes training) the world model in ``workdir``; returns the pipeline folder."""
     t = config.train
+    check_group_norms(config.model)
     if config.export_dtype not in EXPORT_DTYPES:
         raise ValueError(f"export_dtype {config.export_dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
     if config.model.prediction_type not in schedulers.PREDICTION_TYPES:
@@ -205,6 +223,22 @@ def sample_world(pipeline: str, workdir: str, prompt_list: Sequence[str], num_fr
     frames = generate.sample_keyframes(model, params, scheduler, x_T, jnp.stack([texts[p] for p in prompt_list]),
                                        jnp.asarray(texts[""])[None], steps, guidance, jax.random.PRNGKey(seed + 1))
     return (np.asarray(frames, np.float32) + 1) / 2
+
+
+def frame_mean_error(model: Any, params: Any, scheduler: schedulers.Scheduler, clips: jax.Array, texts: jax.Array,
+                     timestep: int, key: jax.Array) -> tuple[float, float]:
+    """(mean square of the per-frame, per-channel mean of the model's noise error, the same of the true
+    noise) at ``timestep`` on ``clips`` (b, f, h, w, 3) in [-1, 1] with their prompt states ``texts``.
+
+    The second is what a model that cannot output a frame's mean colour keeps as the first (the noise's
+    own frame-mean variance, 1 / (h w)); a model that reads the colour from the prompt gets well below it.
+    """
+    noise = jax.random.normal(key, clips.shape, clips.dtype)
+    t = jnp.full((clips.shape[0],), timestep)
+    x_t = schedulers.add_noise(scheduler, clips, noise, t)
+    out = model.apply({"params": params}, x_t, t, texts)[..., :clips.shape[-1]]
+    error = schedulers.predicted_noise(scheduler, out, x_t, t) - noise
+    return float(jnp.mean(error.mean(axis=(2, 3)) ** 2)), float(jnp.mean(noise.mean(axis=(2, 3)) ** 2))
 
 
 def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
