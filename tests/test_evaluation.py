@@ -131,3 +131,19 @@ def test_noise_holds_no_object():
     noise = np.random.default_rng(3).uniform(0, 1, (FRAMES, HEIGHT, WIDTH, 3)).astype(np.float32)
     reading = evaluation.read_clip(noise)
     assert not reading.found.any() and reading.shape == "none"
+
+
+def test_evaluate_files_pairs_frames_one_to_one(tmp_path):
+    """A sample with another number of frames than the input (selection) is refused, not cut to the shorter."""
+    from vmc_jax import data
+
+    prompt = world.prompt_for("orange", "disc", "space")
+    clip = world.make_clip(2, FRAMES, HEIGHT, WIDTH, colour="orange", shape="disc", background="space")
+    path, short = str(tmp_path / "clip.mp4"), str(tmp_path / "short.mp4")
+    data.save_video(clip.video * 2 - 1, path)
+    data.save_video(clip.video[:-1] * 2 - 1, short)
+    with pytest.raises(ValueError, match=rf"'.*short.mp4' has {FRAMES - 1} frames, the input '.*clip.mp4' {FRAMES}"):
+        evaluation.evaluate_files(path, prompt, {short: prompt}, str(tmp_path / "eval"))
+    first_frames = evaluation.evaluate_files(path, prompt, {short: prompt}, str(tmp_path / "eval"),
+                                             num_frames=FRAMES - 1)
+    assert first_frames["summary"]["clips"] == 1
