@@ -1,11 +1,13 @@
 """Reading clips and prompts: parity of the resize with PyTorch, and errors that name the file."""
 
+import io
 import os
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vmc_jax import data
 from vmc_jax.prompts import appearance_invariant
@@ -110,8 +112,6 @@ def read_one_frame(tmp_path, name, write):
 
 def test_frames_of_other_kinds_read_as_8_bit_rgb(tmp_path):
     """16-bit grey scaled to 8 bits (not values up to 65535), palette in colour, transparency over black."""
-    from PIL import Image
-
     grey = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040
     frame = read_one_frame(tmp_path, "grey16.png", Image.fromarray(grey).save)
     np.testing.assert_array_equal(frame, np.repeat(np.round(grey / 257).astype(np.uint8)[..., None], 3, -1))
@@ -129,20 +129,27 @@ def test_frames_of_other_kinds_read_as_8_bit_rgb(tmp_path):
 
 
 def test_float_frames_are_refused(tmp_path):
-    from PIL import Image
-
     os.makedirs(tmp_path / "float")
     Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "float" / "1.png", format="TIFF")
     with pytest.raises(ValueError, match=r"^'.*1.png': floating-point pixels \(Pillow mode F\) are not read"):
         data.read_frames(str(tmp_path / "float"))
 
 
-@pytest.mark.parametrize("side", [9000, 60000])
-def test_huge_frames_are_refused_before_decoding(tmp_path, side):
-    """A 20-byte gif whose header announces side x side pixels (a decompression bomb past Pillow's own limit)."""
+def gif_announcing(side, tmp_path, after_a_small_frame=False):
+    """A gif of a few bytes whose (first or second) frame announces side x side pixels."""
+    raw = b"GIF89a" + side.to_bytes(2, "little") * 2 + b"\x00\x00\x00"
+    if after_a_small_frame:
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(buffer, format="GIF")
+        raw = buffer.getvalue()[:-1]  # without the trailer
     path = tmp_path / "bomb.gif"
-    path.write_bytes(b"GIF89a" + side.to_bytes(2, "little") * 2 + b"\x00\x00\x00" + b"," + bytes(4)
-                     + side.to_bytes(2, "little") * 2 + b"\x00\x02\x02\x4c\x01\x00;")
+    path.write_bytes(raw + b"," + bytes(4) + side.to_bytes(2, "little") * 2 + b"\x00\x02\x02\x4c\x01\x00;")
+    return str(path)
+
+
+@pytest.mark.parametrize("side, after_a_small_frame", [(9000, False), (60000, False), (60000, True)])
+def test_huge_frames_are_refused_before_decoding(tmp_path, side, after_a_small_frame):
+    """9000: over our limit; 60000: past Pillow's decompression-bomb limit; or a later frame enlarging the gif."""
     with pytest.raises(ValueError, match=r"^'.*bomb.gif': a frame of .* pixels; frames are limited to 67108864 "
                                          r"pixels \(8192x8192\)$"):
-        data.read_frames(str(path))
+        data.read_frames(gif_announcing(side, tmp_path, after_a_small_frame))

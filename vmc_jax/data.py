@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
+from typing import Iterator
 
 import imageio.v3 as iio
 import jax
@@ -44,14 +46,21 @@ def _too_large(path: str, pixels: str) -> ValueError:
                       f"({MAX_FRAME_SIDE}x{MAX_FRAME_SIDE})")
 
 
-def _open_image(path: str) -> Image.Image:
-    """Opens an image or gif with Pillow, refusing one whose frames exceed MAX_FRAME_PIXELS before decoding."""
+@contextlib.contextmanager
+def _frame_size_limit(path: str) -> Iterator[None]:
+    """Reading ``path`` with Pillow under MAX_FRAME_PIXELS: its decompression-bomb warning is silenced
+    (our lower limit is checked per frame, :func:`_checked_size`) and its error (twice Pillow's
+    limit, raised on open or on seeking a later gif frame) reported as ours."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our lower limit applies below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(path)
-        except Image.DecompressionBombError:  # Pillow's own limit, above ours
+            yield
+        except Image.DecompressionBombError:
             raise _too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS}") from None
+
+
+def _checked_size(image: Image.Image, path: str) -> Image.Image:
+    """``image`` (a frame not yet decoded), refused if it exceeds MAX_FRAME_PIXELS."""
     if image.width * image.height > MAX_FRAME_PIXELS:
         raise _too_large(path, f"{image.width}x{image.height}")
     return image
@@ -74,8 +83,8 @@ def _rgb8(image: Image.Image, path: str) -> np.ndarray:
 
 
 def _read_image(path: str) -> np.ndarray:
-    with _open_image(path) as image:
-        return _rgb8(image, path)
+    with _frame_size_limit(path), Image.open(path) as image:
+        return _rgb8(_checked_size(image, path), path)
 
 
 def _read_gif(path: str) -> list[np.ndarray]:
@@ -85,11 +94,11 @@ def _read_gif(path: str) -> list[np.ndarray]:
     shortest frame's: Pillow (imageio's gif writer) merges a frame equal to the one before into
     it, adding up their durations, so a frame lasting twice the base is two frames of the clip.
     """
-    with _open_image(path) as gif:
+    with _frame_size_limit(path), Image.open(path) as gif:
         comment = gif.info.get("comment", b"").decode("utf-8", "replace")
         frames, durations = [], []
-        for frame in ImageSequence.Iterator(gif):
-            frames.append(_rgb8(frame, path))
+        for frame in ImageSequence.Iterator(gif):  # a later frame may enlarge the gif: each is checked
+            frames.append(_rgb8(_checked_size(frame, path), path))
             durations.append(frame.info.get("duration", 0))
     stated = re.fullmatch(re.escape(_GIF_FRAME_COMMENT) + r"(\d+(?:\.\d*)?)", comment)
     base = float(stated.group(1)) if stated else min(durations)
