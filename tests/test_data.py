@@ -1,11 +1,13 @@
 """Reading clips and prompts: parity of the resize with PyTorch, and errors that name the file."""
 
+import io
 import os
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vmc_jax import data
 from vmc_jax.prompts import appearance_invariant
@@ -71,3 +73,83 @@ def test_errors_name_the_problem(tmp_path):
 ])
 def test_appearance_invariant_prompt(prompt, invariant):
     assert appearance_invariant(prompt) == invariant
+
+
+def few_colour_frames(held):
+    """8 frames of 8 colours (a gif stores them exactly) with frames ``held`` equal to the one before."""
+    rng = np.random.default_rng(2)
+    palette = rng.integers(0, 256, (8, 3))
+    frames = palette[rng.integers(0, 8, (8, 12, 16))].astype(np.uint8)
+    for i in held:
+        frames[i] = frames[i - 1]
+    return frames
+
+
+@pytest.mark.parametrize("held", [(2, 5, 6), range(1, 8)])
+def test_save_video_gif_keeps_held_frames(tmp_path, held):
+    """Pillow merges a frame equal to the one before into it; the gif still reads back as 8 frames."""
+    pixels = few_colour_frames(held)
+    path = str(tmp_path / "held.gif")
+    data.save_video(pixels.astype(np.float32) / 127.5 - 1, path, fps=6)
+    np.testing.assert_array_equal(data.read_frames(path), pixels)
+
+
+def test_a_gif_with_merged_frames_reads_by_duration(tmp_path):
+    """A stop-and-go clip saved by imageio (no comment of ours): frames count by their duration."""
+    pixels = few_colour_frames((2, 5, 6))
+    path = str(tmp_path / "imageio.gif")
+    iio.imwrite(path, pixels, duration=100, loop=0)
+    np.testing.assert_array_equal(data.read_frames(path), pixels)
+
+
+def read_one_frame(tmp_path, name, write):
+    """The frame that ``write(path)`` saves as ``name``, read back as a one-frame folder."""
+    folder = tmp_path / name.split(".")[0]
+    os.makedirs(folder)
+    write(str(folder / name))
+    return data.read_frames(str(folder))[0]
+
+
+def test_frames_of_other_kinds_read_as_8_bit_rgb(tmp_path):
+    """16-bit grey scaled to 8 bits (not values up to 65535), palette in colour, transparency over black."""
+    grey = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040
+    frame = read_one_frame(tmp_path, "grey16.png", Image.fromarray(grey).save)
+    np.testing.assert_array_equal(frame, np.repeat(np.round(grey / 257).astype(np.uint8)[..., None], 3, -1))
+    assert data.load_clip(str(tmp_path / "grey16"), 1, 8, 8).max() <= 1.0
+
+    rgb = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    palette = Image.fromarray(rgb).quantize(16)
+    frame = read_one_frame(tmp_path, "palette.png", palette.save)
+    np.testing.assert_array_equal(frame, np.asarray(palette.convert("RGB")))
+
+    alpha = np.full((8, 8, 1), 255, np.uint8)
+    alpha[:4] = 0
+    frame = read_one_frame(tmp_path, "rgba.png", Image.fromarray(np.concatenate([rgb, alpha], -1)).save)
+    np.testing.assert_array_equal(frame, np.where(alpha == 255, rgb, 0))
+
+
+def test_float_frames_are_refused(tmp_path):
+    os.makedirs(tmp_path / "float")
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "float" / "1.png", format="TIFF")
+    with pytest.raises(ValueError, match=r"^'.*1.png': floating-point pixels \(Pillow mode F\) are not read"):
+        data.read_frames(str(tmp_path / "float"))
+
+
+def gif_announcing(side, tmp_path, after_a_small_frame=False):
+    """A gif of a few bytes whose (first or second) frame announces side x side pixels."""
+    raw = b"GIF89a" + side.to_bytes(2, "little") * 2 + b"\x00\x00\x00"
+    if after_a_small_frame:
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(buffer, format="GIF")
+        raw = buffer.getvalue()[:-1]  # without the trailer
+    path = tmp_path / "bomb.gif"
+    path.write_bytes(raw + b"," + bytes(4) + side.to_bytes(2, "little") * 2 + b"\x00\x02\x02\x4c\x01\x00;")
+    return str(path)
+
+
+@pytest.mark.parametrize("side, after_a_small_frame", [(9000, False), (60000, False), (60000, True)])
+def test_huge_frames_are_refused_before_decoding(tmp_path, side, after_a_small_frame):
+    """9000: over our limit; 60000: past Pillow's decompression-bomb limit; or a later frame enlarging the gif."""
+    with pytest.raises(ValueError, match=r"^'.*bomb.gif': a frame of .* pixels; frames are limited to 67108864 "
+                                         r"pixels \(8192x8192\)$"):
+        data.read_frames(gif_announcing(side, tmp_path, after_a_small_frame))

@@ -163,3 +163,19 @@ def test_background_flicker_is_the_spread_of_frame_backgrounds():
     metrics = evaluation.appearance(evaluation.read_clip(flickering), world.prompt_for("red", "square", "snow"))
     assert metrics["background_flicker"] == pytest.approx(d * np.sqrt(3) / 2, rel=1e-3)
     assert metrics["background_ok"]
+
+
+def test_evaluate_files_pairs_frames_one_to_one(tmp_path):
+    """A sample with another number of frames than the input (selection) is refused, not cut to the shorter."""
+    from vmc_jax import data
+
+    prompt = world.prompt_for("orange", "disc", "space")
+    clip = world.make_clip(2, FRAMES, HEIGHT, WIDTH, colour="orange", shape="disc", background="space")
+    path, short = str(tmp_path / "clip.mp4"), str(tmp_path / "short.mp4")
+    data.save_video(clip.video * 2 - 1, path)
+    data.save_video(clip.video[:-1] * 2 - 1, short)
+    with pytest.raises(ValueError, match=rf"'.*short.mp4' has {FRAMES - 1} frames, the input '.*clip.mp4' {FRAMES}"):
+        evaluation.evaluate_files(path, prompt, {short: prompt}, str(tmp_path / "eval"))
+    first_frames = evaluation.evaluate_files(path, prompt, {short: prompt}, str(tmp_path / "eval"),
+                                             num_frames=FRAMES - 1)
+    assert first_frames["summary"]["clips"] == 1

@@ -333,3 +333,79 @@ def safetensors_file(path, header_size=None, cut=0):
 def test_a_bad_safetensors_header_names_file_and_tensor(tmp_path, header_size, cut, message):
     with pytest.raises(ValueError, match=message):
         read_state_dict(safetensors_file(tmp_path / "w.safetensors", header_size, cut))
+
+
+def tinny_error():
+    """The message configs/vmc.py itself gives for an unknown clip, as a user should see it."""
+    from configs import vmc as vmc_config
+
+    with pytest.raises(ValueError) as error:
+        vmc_config.get_config("tinny")
+    return str(error.value)
+
+
+@pytest.mark.parametrize("config, text, message", [
+    ("configs/vmc.py:tinny", None, tinny_error()),
+    ("{tmp}/missing.py", None, "no such file"),
+    ("{tmp}/syntax.py", "def get_config(:\n", "line 1: invalid syntax"),
+    ("{tmp}/raises.py", "def get_config():\n    return {}['clip']\n", "line 2: KeyError: 'clip'"),
+])
+def test_cli_config_file_errors_give_their_reason_in_one_line(tmp_path, config, text, message):
+    config = config.format(tmp=tmp_path)
+    if text is not None:
+        (tmp_path / os.path.basename(config)).write_text(text)
+    result = vmc_jax_cli("train", "--config", config, "--workdir", str(tmp_path / "job"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [f"vmc-jax: error: --config {config}: {message}"]
+    assert not os.path.exists(tmp_path / "job")
+
+
+@pytest.fixture()
+def unet_copy(tmp_path):
+    """A writable copy of the keyframe UNet folder, and its weights file."""
+    unet = tmp_path / "unet"
+    shutil.copytree(os.path.join(REPO, "tests", "fixtures", "show1_keyframes", "unet"), unet)
+    return unet, unet / "diffusion_pytorch_model.fp16.safetensors"
+
+
+def test_cli_keeps_the_detail_of_an_error_on_a_second_line(tmp_path, unet_copy):
+    """A checkpoint that does not fit the model: the missing key and its shape, not only "does not fit"."""
+    from safetensors.numpy import save_file
+
+    unet, weights = unet_copy
+    save_file({k: v() for k, v in read_state_dict(str(weights)).items() if k != "conv_in.weight"}, str(weights))
+    result = vmc_jax_cli("convert", str(unet), str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [f"vmc-jax: error: {weights} does not fit the model:",
+                                          "  missing keys: conv_in.weight (expected (32, 3, 3, 3))"]
+
+
+def test_cli_refuses_a_pickled_bin_without_running_it_or_advising_to(tmp_path, unet_copy):
+    """torch's own message for it suggests weights_only=False, i.e. running the file's code."""
+    unet, weights = unet_copy
+    os.remove(weights)
+    marker = tmp_path / "payload_ran"
+    pickled_bin(unet / "diffusion_pytorch_model.bin", marker)
+    result = vmc_jax_cli("convert", str(unet), str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        f"vmc-jax: error: {str(unet / 'diffusion_pytorch_model.bin')!r} holds pickled objects other than tensors; "
+        "only a weights-only .bin is read (convert the checkpoint to safetensors)"]
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def pickled_bin(path, marker):
+    """A torch.save'd .bin holding a tensor and an object whose unpickling would create ``marker``."""
+    import torch
+
+    torch.save({"conv_in.weight": torch.zeros(1), "payload": _Payload(marker)}, str(path))

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -104,3 +105,26 @@ def test_to_torch_state_dict_rejects_foreign_trees():
         vmc_jax.to_torch_state_dict(model, {"conv_in": {"kernel": np.zeros(2)}})
     with pytest.raises(ValueError, match="nope/kernel is not a parameter of this model"):
         vmc_jax.to_torch_state_dict(model, {"nope": {"kernel": np.zeros(2)}})
+
+
+def test_an_image_unet_is_refused_where_a_video_model_is_needed(tmp_path):
+    """A pretrained pipeline whose unet/ is a 2D UNet (the keyframe model's config made 2D, zero weights)."""
+    import ml_collections
+
+    from vmc_jax import generate
+    from vmc_jax.weights import abstract_params
+
+    with open(os.path.join(KEYFRAMES, "config.json")) as f:
+        config = json.load(f)
+    del config["transfromer_in_opt"]
+    config = {k: json.loads(json.dumps(v).replace("3D", "2D")) for k, v in config.items()}
+    config["_class_name"] = "UNet2DConditionModel"
+    os.makedirs(tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    model = build_unet(config)
+    zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, np.float32), abstract_params(model))
+    save_file(vmc_jax.to_torch_state_dict(model, zeros), str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    job = ml_collections.ConfigDict({"pretrained": str(tmp_path), "train": {"compute_dtype": "float32", "remat": False}})
+    with pytest.raises(ValueError, match=r"^config.pretrained = '.*': unet/ is a UNet2DConditionModel, an image "
+                                         r"model; VMC tunes a video UNet"):
+        generate.load_keyframe_unet(job)

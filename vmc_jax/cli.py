@@ -13,12 +13,13 @@
     vmc-jax train ... --coordinator=HOST:PORT --num_processes=N --process_id=I   one of N processes
     vmc-jax train ... --multihost                 on a TPU VM slice, where JAX finds the other hosts
 
-A user error prints one line ``vmc-jax: error: ...`` and exits with 2 (``--verbose`` adds the
-traceback); a run that diverges exits with 1.
+A user error prints one line ``vmc-jax: error: ...`` (its detail, if any, on a second) and exits
+with 2 (``--verbose`` adds the traceback); a run that diverges exits with 1.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -48,6 +49,14 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join the multi-process job J
 COMMANDS = ("convert", "tiny-pipeline", "world-pipeline", "train", "generate", "export", "evaluate")
 _joined_job = False  # whether this process is one of a multi-process job
 USER_ERROR, RUN_FAILED = 2, 1
+
+
+def _error_text(error: BaseException) -> str:
+    """An error's whole message in at most two lines: its first line, then the rest joined on a second."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] + ("\n  " + "; ".join(lines[1:]) if len(lines) > 1 else "")
 
 
 def _fail(message: str, code: int = USER_ERROR) -> None:
@@ -95,8 +104,49 @@ def _unknown_config_override(argv: list[str]) -> str | None:
     return None
 
 
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of ``--config`` (``--config X`` or ``--config=X``) in ``argv``, if given."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg[len("--config="):]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _config_file_error(spec: str) -> str | None:
+    """Why the config ``FILE[:arg]`` cannot be loaded (its message, and line), or None if it can.
+
+    ml_collections reports a config file's failure as a traceback or as "an earlier failure to
+    load" without the reason; the file is run here first (as ml_collections then runs it) to say why.
+    """
+    path, has_arg, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        return "no such file"
+    try:
+        module_spec = importlib.util.spec_from_file_location("vmc_jax_cli_config_check", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            return "the file defines no get_config()"
+        module.get_config(*([arg] if has_arg else []))
+    except SyntaxError as e:
+        return f"line {e.lineno}: {e.msg}"
+    except ValueError as e:  # the config's own refusal, worded for its user
+        return _error_text(e)
+    except Exception as e:  # noqa: BLE001 -- any other failure of the user's config file, with its line
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+                 if os.path.abspath(frame.filename) == os.path.abspath(path)]
+        return (f"line {lines[-1]}: " if lines else "") + f"{type(e).__name__}: {_error_text(e)}"
+    return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a flag error reported in one line (exit 2)."""
+    """absl flag parsing, with a flag or config file error reported in one line (exit 2)."""
+    spec = _config_argument(argv)
+    problem = _config_file_error(spec) if spec is not None else None
+    if problem is not None:
+        _fail(f"--config {spec}: {problem}")
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError) as e:
@@ -169,8 +219,7 @@ def main(argv: list[str]) -> None:
     except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:
         if _VERBOSE.value:
             traceback.print_exc()
-        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
-              RUN_FAILED if isinstance(e, TrainingDiverged) else USER_ERROR)
+        _fail(_error_text(e), RUN_FAILED if isinstance(e, TrainingDiverged) else USER_ERROR)
 
 
 def run() -> None:

@@ -283,22 +283,28 @@ def evaluate_samples(generated: Sequence[np.ndarray], target_prompts: Sequence[s
     return {"summary": summarise(per_clip), "clips": per_clip}
 
 
-def evaluate_files(input_path: str, input_prompt: str, samples: Mapping[str, str], out_dir: str) -> dict[str, Any]:
+def evaluate_files(input_path: str, input_prompt: str, samples: Mapping[str, str], out_dir: str,
+                   num_frames: int | None = None, stride: int = 1, start: int = 0,
+                   reverse: bool = False) -> dict[str, Any]:
     """:func:`evaluate_world_clips` on video files: the input clip and ``samples`` (path -> target prompt).
 
-    The input is resized (bilinear, antialiased) to each sample's size and the first frames of
-    each are compared, as many as the shorter has. This is what ``vmc-jax evaluate`` runs.
+    The input's frames are those a job tunes on (:func:`data.select_frames`; all by default),
+    resized (bilinear, antialiased) to each sample's size, and paired with the sample's frames by
+    index: a sample with another number of frames is refused. This is what ``vmc-jax evaluate`` runs.
     """
     from vmc_jax import data  # jax-backed resize, needed only for files
 
-    source = data.read_frames(input_path)
+    source = data.select_frames(input_path, num_frames, stride, start, reverse)
     inputs, generated = [], []
     for path in samples:
         made = data.read_frames(path)
-        frames = min(len(made), len(source))
-        resized = data.resize(source[:frames].astype(np.float32) / 255, *made.shape[1:3])
+        if len(made) != len(source):
+            raise ValueError(f"{path!r} has {len(made)} frames, the input {input_path!r} {len(source)} "
+                             f"(num_frames={num_frames}, stride={stride}, start={start}): frames are compared "
+                             "one to one")
+        resized = data.resize(source.astype(np.float32) / 255, *made.shape[1:3])
         inputs.append(np.clip(np.asarray(resized), 0, 1))
-        generated.append(made[:frames])
+        generated.append(made)
     return evaluate_world_clips(inputs, [input_prompt] * len(samples), generated, list(samples.values()), out_dir)
 
 
@@ -319,7 +325,9 @@ def evaluate_workdir(config: Any, job_dir: str) -> dict[str, Any]:
         samples = {os.path.join(samples_root, runs[-1], name): prompt for name, prompt in json.load(f).items()}
     for prompt in [config.prompt, *samples.values()]:
         world.parse_prompt(prompt)  # the measures are defined for the moving-shapes world's prompts only
-    return evaluate_files(config.video, config.prompt, samples, os.path.join(job_dir, "evaluation", runs[-1]))
+    d = config.data
+    return evaluate_files(config.video, config.prompt, samples, os.path.join(job_dir, "evaluation", runs[-1]),
+                          d.num_frames, d.stride, d.start, d.reverse)
 
 
 # Track colours in the gif: the input's path (cyan) on both panels, the generated one's (magenta) on its own.

@@ -22,7 +22,9 @@ from vmc_jax import (cascade_runner, checkpoints, data, files, inversion, job_co
                      training, workdir)
 from vmc_jax.errors import JobError
 from vmc_jax.loading import load_unet
+from vmc_jax.models.unet_config import UNetConfig
 from vmc_jax.schedulers import Scheduler
+from vmc_jax.weights import model_config
 
 VIDEO_FORMATS = ("gif", "mp4")
 SAMPLES_INDEX = "samples.json"  # in each samples folder of `generate`: keyframe video file -> prompt
@@ -70,8 +72,16 @@ def inversion_scheduler(model_scheduler: Scheduler, method: str, config_path: st
 
 
 def load_keyframe_unet(config: ml_collections.ConfigDict) -> tuple[nn.Module, Any, Scheduler]:
-    """The pretrained keyframe UNet (compute dtype and remat from ``config.train``), its params and scheduler."""
-    model, params = load_unet(os.path.join(config.pretrained, "unet"), dtype=np.float32)
+    """The pretrained keyframe UNet (compute dtype and remat from ``config.train``), its params and scheduler.
+
+    An image UNet (2D, e.g. DeepFloyd IF) is refused before its weights are read: VMC tunes a video model.
+    """
+    unet_dir = os.path.join(config.pretrained, "unet")
+    unet_config = UNetConfig.from_dict(*model_config(unet_dir))
+    if not unet_config.is_video:
+        raise ValueError(f"config.pretrained = {config.pretrained!r}: unet/ is a {unet_config.class_name}, an image "
+                         "model; VMC tunes a video UNet (UNet3DConditionModel, Show-1's keyframe model)")
+    model, params = load_unet(unet_dir, dtype=np.float32)
     model = model.clone(dtype=job_config.COMPUTE_DTYPES[config.train.compute_dtype], remat=config.train.remat)
     return model, params, schedulers.from_config(os.path.join(config.pretrained, "scheduler"))
 

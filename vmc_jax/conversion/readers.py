@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
 from typing import Callable
 
 import ml_dtypes
@@ -109,11 +110,19 @@ def _check_tensor_entry(path: str, name: str, entry: object, data_size: int) -> 
 
 
 def _read_torch_bin(path: str) -> LazyStateDict:
+    """A PyTorch ``.bin`` of tensors only: its pickle is read with ``weights_only``, never run."""
     try:
         import torch
     except ImportError as e:
         raise ImportError(f"reading {path!r} needs PyTorch; convert it to safetensors or install torch") from e
-    state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # torch's text would suggest running the file's code: never say that
+        raise ValueError(f"{path!r} holds pickled objects other than tensors; only a weights-only .bin is read "
+                         "(convert the checkpoint to safetensors)") from None
+    except (RuntimeError, EOFError) as e:  # not a torch.save zip file, or a truncated one
+        reason = str(e).strip().strip("'").splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint: {reason}") from e
 
     def load(name: str) -> np.ndarray:
         tensor = state_dict[name]
