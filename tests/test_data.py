@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vmc_jax import data
-from vmc_jax.prompts import appearance_invariant
+from vmc_jax.prompts import appearance_invariant, embed_prompts
 
 
 def write_frames(folder, frames, names=None):
@@ -71,3 +71,13 @@ def test_errors_name_the_problem(tmp_path):
 ])
 def test_appearance_invariant_prompt(prompt, invariant):
     assert appearance_invariant(prompt) == invariant
+
+
+def test_a_prompt_embeds_the_same_alone_or_with_others(tiny_pipeline_flax, tmp_path):
+    """Two workdirs whose caches were filled with different prompt sets hold the same bits for a shared prompt."""
+    prompt = "a blue square is moving"
+    alone = embed_prompts(tiny_pipeline_flax, [prompt], str(tmp_path / "alone"))[prompt]
+    others = ["", "a red square is moving to the left, slowly, on the snow", "x"]
+    together = embed_prompts(tiny_pipeline_flax, [*others, prompt], str(tmp_path / "together"))
+    np.testing.assert_array_equal(together[prompt], alone)
+    assert not np.array_equal(together[others[1]], alone)
