@@ -177,9 +177,6 @@ def run() -> None:
     """Console entry point."""
     if "--verbose" not in sys.argv:
         _quiet_logs()  # before JAX, transformers and orbax are imported
-    from vmc_jax.xla_cpu import apply_cpu_flags
-
-    apply_cpu_flags()  # before JAX starts its CPU backend
     app.run(main, argv=sys.argv, flags_parser=_parse_flags)
 
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from vmc_jax import xla_cpu
+
 AXES = ("clips", "data")
 
 
@@ -75,6 +77,7 @@ def axis_sizes(sizes: Mapping[str, int], num_devices: int | None = None) -> tupl
 
 def make_mesh(sizes: Mapping[str, int] | None = None) -> Mesh:
     """The ("clips", "data") mesh over all devices of the job; default: every device on "data"."""
+    xla_cpu.check_devices(jax.local_devices())
     # Auto axes: XLA propagates the shardings of the inputs through the model (no annotations in it).
     return jax.make_mesh(axis_sizes(sizes or {"data": -1}), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
