@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,3 +125,48 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(pretrained, tmp_pa
     finished(two_processes(job_args(flax_dir, runs["killed"]), str(tmp_path / "resumed_logs")))
     np.testing.assert_array_equal(flat(exported(runs["killed"])), deltas["two_by_two"])
     assert losses(runs["killed"]) == losses(runs["two_by_two"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_a_process_that_never_joins_ends_the_job_in_one_line(tmp_path):
+    """Process 1 never starts: process 0 stops after --join_timeout with one line, not JAX's 300 s abort dump."""
+    port, start = free_port(), time.time()
+    done = subprocess.run([sys.executable, "-m", "vmc_jax.cli", *job_args(str(tmp_path / "not_read"), str(tmp_path / "w")),
+                           f"--coordinator=localhost:{port}", "--num_processes=2", "--process_id=0",
+                           "--join_timeout=3"], env=env(2), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"vmc-jax: error: the 2 processes of the job did not all join within 3 s (coordinator localhost:{port}); "
+        "is every process started, with the same --coordinator and --num_processes?"], done.stderr[-2000:]
+    assert time.time() - start < 60
+
+
+JOIN_AND_WAIT = """
+import sys, time
+from vmc_jax import parallel
+parallel.initialize("localhost:{port}", 2, int(sys.argv[1]), join_timeout_s=60, heartbeat_timeout_s=2)
+print("joined", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_peer_that_dies_ends_the_others_in_one_line_naming_it():
+    """Process 1 is killed: process 0 stops within the heartbeat timeout, naming process 1 (exit 1)."""
+    code = JOIN_AND_WAIT.format(port=free_port())
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env(1), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for process in processes:
+        assert process.stdout.readline().strip() == "joined"
+    processes[1].kill()
+    killed = time.time()
+    _, err = processes[0].communicate(timeout=60)
+    assert processes[0].returncode == 1
+    assert err.strip().splitlines()[-1] == ("vmc-jax: error: process 1 of 2 went away: no heartbeat for 2 s; "
+                                            "process 0 stops too"), err[-2000:]
+    assert time.time() - killed < 10
+    processes[1].wait()
