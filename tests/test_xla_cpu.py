@@ -39,7 +39,8 @@ def test_flags_are_added_only_where_safe(environ, version, configured, expected,
 
 def _import_vmc_jax(before: str = "", **environ: str) -> str:
     """XLA_FLAGS after `import vmc_jax` in a fresh interpreter whose environment has only `environ`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VMC_JAX_XLA_CPU_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    unset = ("XLA_FLAGS", "VMC_JAX_XLA_CPU_FLAGS", "JAX_NUM_CPU_DEVICES")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     code = f"{before}\nimport os, vmc_jax\nprint(os.environ.get('XLA_FLAGS'))"
     done = subprocess.run([sys.executable, "-c", code], env={**env, **environ}, capture_output=True, text=True,
                           timeout=300)

@@ -25,9 +25,10 @@ LOST_PEER = 1  # exit code
 _KEY = "vmc_jax/heartbeat/"
 
 
-def _stop(message: str) -> None:
-    """One line and exit at once: the peers this process would wait for at shutdown are gone."""
+def _stop(message: str, linger_s: float = 0) -> None:
+    """One line, and exit after `linger_s` without waiting for the peers at JAX's shutdown barrier."""
     print(f"vmc-jax: error: {message}", file=sys.stderr, flush=True)
+    time.sleep(linger_s)
     os._exit(LOST_PEER)
 
 
@@ -70,6 +71,8 @@ def _watch(client, timeout_s: float) -> None:
             if current != value:
                 last_seen[peer] = (current, now)
             elif now - since > timeout_s:
+                # Process 0 hosts the coordination service, whose end aborts the others: it lingers
+                # so that they see the lost peer (within a beat) and stop with their own line first.
                 _stop(f"process {peer} of {count} went away: no heartbeat for {timeout_s:g} s; "
-                      f"process {me} stops too")
+                      f"process {me} stops too", linger_s=timeout_s / 2 if me == 0 else 0)
         time.sleep(timeout_s / 4)
