@@ -21,7 +21,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from unet_forward import time_calls  # noqa: E402
-from vmc_jax.xla_cpu import apply_cpu_flags  # noqa: E402
 
 # (batch, q_len, k_len, heads, head_dim): spatial self-attention at 20x32 (+77 text tokens as
 # keys) and 10x16, cross-attention at 20x32, temporal attention over 8 frames at 20x32.
@@ -72,7 +71,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
-    apply_cpu_flags()
     print("shape (batch, q, k, heads, d): ms forward / forward+backward, max |difference| from the plain form")
     for shape in SHAPES:
         cells = []

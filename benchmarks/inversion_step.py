@@ -16,11 +16,9 @@ import numpy as np
 
 from vmc_jax import inversion, schedulers
 from vmc_jax.loading import load_unet
-from vmc_jax.xla_cpu import apply_cpu_flags
 
 
 def main() -> None:
-    apply_cpu_flags()  # what the vmc-jax command runs with
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tests/fixtures/show1_keyframes/unet")
     parser.add_argument("--steps", type=int, default=10)

@@ -36,10 +36,6 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, REPO)
     from vmc_jax import parallel, schedulers, training
     from vmc_jax.loading import load_unet
-    from vmc_jax.xla_cpu import apply_cpu_flags
-
-    apply_cpu_flags()  # what the vmc-jax command runs with
-
     mesh = parallel.make_mesh({"clips": 1, "data": -1})
     model, params = load_unet(args.model, dtype=np.float32)
     scheduler = schedulers.from_config({"_class_name": "DDPMScheduler"})

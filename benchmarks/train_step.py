@@ -22,7 +22,6 @@ import numpy as np
 
 from vmc_jax import schedulers, training
 from vmc_jax.loading import load_unet
-from vmc_jax.xla_cpu import apply_cpu_flags
 
 
 def measure(model, params, compute_dtype, clips, text, repeats: int) -> dict:
@@ -49,7 +48,6 @@ def measure(model, params, compute_dtype, clips, text, repeats: int) -> dict:
 
 
 def main() -> None:
-    apply_cpu_flags()  # what the vmc-jax command runs with
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tests/fixtures/show1_keyframes/unet")
     parser.add_argument("--batch", type=int, default=1)

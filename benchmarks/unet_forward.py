@@ -93,10 +93,6 @@ def run_flax(folder: str, io: dict[str, np.ndarray], warmup: int, repeats: int) 
 
     sys.path.insert(0, REPO)
     import vmc_jax
-    from vmc_jax.xla_cpu import apply_cpu_flags
-
-    apply_cpu_flags()  # what the vmc-jax command runs with
-
     model32, params = vmc_jax.load_unet(folder, dtype=np.float32)
     params = jax.device_put(params)
     labels = jnp.asarray(io["class_labels"]) if "class_labels" in io else None

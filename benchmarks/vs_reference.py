@@ -102,10 +102,6 @@ def flax_cases(folder: str, io: dict, attention_impl: str, compute_dtype=None) -
     sys.path.insert(0, REPO)
     from vmc_jax import inversion, schedulers, training
     from vmc_jax.loading import load_unet
-    from vmc_jax.xla_cpu import apply_cpu_flags
-
-    apply_cpu_flags()  # what the vmc-jax command runs with
-
     model, params = load_unet(folder, dtype=np.float32, attention_impl=attention_impl)
     if compute_dtype is not None:
         model = model.clone(dtype=compute_dtype)

@@ -42,7 +42,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import vmc as vmc_config  # noqa: E402
 from vmc_jax import evaluation, generate, prompts, training, world, world_pretraining  # noqa: E402
 from vmc_jax.conversion.pipeline import convert  # noqa: E402
-from vmc_jax.xla_cpu import apply_cpu_flags  # noqa: E402
 
 # method -> (loss, tuned subset); None: no tuning, with its starting noise.
 METHODS = {
@@ -83,7 +82,6 @@ def tune(step_fn, optimizer, tuned, frozen, clip, text, steps: int, seed: int):
 
 
 def main(argv=None) -> None:
-    apply_cpu_flags()  # what the vmc-jax command runs with
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="where the world pipeline and prompt cache go")
     parser.add_argument("--seeds", default="0,1")

@@ -21,11 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vmc_jax import evaluation, world, world_pretraining  # noqa: E402
-from vmc_jax.xla_cpu import apply_cpu_flags  # noqa: E402
 
 
 def main(argv=None) -> None:
-    apply_cpu_flags()  # what the vmc-jax command runs with
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="where the pipeline and prompt cache go")
     parser.add_argument("--prompts", type=int, default=24)

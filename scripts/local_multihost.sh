@@ -7,7 +7,10 @@
 #   e.g. scripts/local_multihost.sh 2 train --config configs/vmc.py:tiny --workdir workdirs/tiny/mh
 #
 # Each process logs to $LOGDIR/process_<i>.log (default: a new temporary folder); the script
-# exits non-zero if any process fails, and stops the others when one does.
+# exits non-zero if any process fails. Every process runs in a process group of its own, and
+# whenever the script ends (a process failed, Ctrl-C, SIGTERM, any exit) it stops all of them
+# and their children: SIGTERM to each group, then SIGKILL to what is left after GRACE seconds
+# (default 10).
 set -euo pipefail
 if (($# < 2)); then
   echo "usage: $0 N vmc-jax-command [arguments...]" >&2
@@ -16,24 +19,39 @@ fi
 num_processes=$1
 shift
 devices=${DEVICES:-2}
+grace=${GRACE:-10}
 port=${PORT:-$((20000 + RANDOM % 20000))}
 logdir=${LOGDIR:-$(mktemp -d)}
 mkdir -p "$logdir"
 
 pids=()
+stop_all() {  # SIGTERM to every process group started here, SIGKILL after $grace s to what is left
+  local pid waited=0
+  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    while kill -0 -- "-$pid" 2>/dev/null && ((waited < grace * 10)); do
+      sleep 0.1
+      waited=$((waited + 1))
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done
+}
+trap 'stop_all' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 for ((i = 0; i < num_processes; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
-    vmc-jax "$@" --coordinator="localhost:$port" --num_processes="$num_processes" --process_id="$i" \
+    setsid vmc-jax "$@" --coordinator="localhost:$port" --num_processes="$num_processes" --process_id="$i" \
     >"$logdir/process_$i.log" 2>&1 &
   pids+=($!)
 done
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
 status=0
 for _ in "${pids[@]}"; do
   if ! wait -n; then  # one process failed: the others would wait on it, stop them
     status=1
-    kill "${pids[@]}" 2>/dev/null || true
+    stop_all
     break
   fi
 done

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vmc_jax import data
-from vmc_jax.prompts import appearance_invariant
+from vmc_jax.prompts import appearance_invariant, embed_prompts
 
 
 def write_frames(folder, frames, names=None):
@@ -153,3 +153,13 @@ def test_huge_frames_are_refused_before_decoding(tmp_path, side, after_a_small_f
     with pytest.raises(ValueError, match=r"^'.*bomb.gif': a frame of .* pixels; frames are limited to 67108864 "
                                          r"pixels \(8192x8192\)$"):
         data.read_frames(gif_announcing(side, tmp_path, after_a_small_frame))
+
+
+def test_a_prompt_embeds_the_same_alone_or_with_others(tiny_pipeline_flax, tmp_path):
+    """Two workdirs whose caches were filled with different prompt sets hold the same bits for a shared prompt."""
+    prompt = "a blue square is moving"
+    alone = embed_prompts(tiny_pipeline_flax, [prompt], str(tmp_path / "alone"))[prompt]
+    others = ["", "a red square is moving to the left, slowly, on the snow", "x"]
+    together = embed_prompts(tiny_pipeline_flax, [*others, prompt], str(tmp_path / "together"))
+    np.testing.assert_array_equal(together[prompt], alone)
+    assert not np.array_equal(together[others[1]], alone)

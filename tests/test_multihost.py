@@ -1,20 +1,23 @@
 """A multi-process job as a pod slice runs it: 2 processes x 2 CPU devices (jax.distributed on
 localhost, gloo collectives, `scripts/local_multihost.sh`) against 1 process x 4 devices and 1
-device, all tuning the tiny pipeline with a batch of 4 for 8 steps; and a killed process.
+device, all tuning the tiny pipeline with a batch of 4 for 8 steps; a killed process; peers that
+never join or die.
 
-The reductions run in another order in each, and Adam's first update lr * g / (|g| + 1e-8)
-magnifies that rounding where a gradient is near 1e-8, so both comparisons ask 99.9% of the
-parameters to agree to 1e-3 of the largest parameter change and all to 0.1. Measured: 99.9%
-within 3.8e-5 in both; the largest difference 1.3e-3 (2 x 2 against 1 x 4, one element; it was
-7e-5, and that pair was held to a 1e-3 maximum, before the CPU speed work changed the rounding:
-convolution kernels, the attention backward, the group-norm reduction order) and 4.2e-3
-(against one device; 2.3% measured before). The per-step losses agree to 1e-5.
+Determinism is the job's: the single-process topologies run twice and must repeat bit for bit
+(the 2 x 2 job repeats through its killed and resumed run), and every step's loss and gradient
+norm agree to 1e-5 across all three (measured: 8.5e-7). The tuned weights of 1 x 4 and 2 x 2
+agree to 1e-4 of each tensor's largest change (measured: 7.9e-5). One device runs another
+attention kernel (`cpu_flash`; several devices run the blocked form), and Adam's first update
+lr * g / (|g| + 1e-8) turns the rounding of a gradient near 1e-8 into up to ~lr, so there 99.5%
+of the elements must agree to 1e-4 and all to 5e-2 (measured: 5 of 24576 elements beyond 1e-4,
+the largest 7.2e-3).
 """
 
 import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +29,9 @@ from safetensors.numpy import load_file
 from conftest import CLIP, FAST_COMPILE_ENV, REPO
 
 STEPS = 8
+DELTA_RTOL = 1e-4  # of each tensor's largest change
+# name -> (share of the elements within DELTA_RTOL of the 2 x 2 job's, the largest difference allowed)
+DELTA_WITHIN = {"one_by_four": (1.0, DELTA_RTOL), "one_device": (0.995, 0.05)}
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="local multi-process jobs are run with bash")
 
 
@@ -33,7 +39,7 @@ def job_args(pretrained: str, workdir: str, validation_every: int = 0) -> list[s
     return ["train", "--config", os.path.join(REPO, "configs", "vmc.py") + ":tiny", "--workdir", workdir,
             f"--config.pretrained={pretrained}", f"--config.video={CLIP}", "--config.data.num_frames=4",
             "--config.data.height=16", "--config.data.width=32", f"--config.train.steps={STEPS}",
-            "--config.train.checkpoint_every=2", "--config.train.batch_size=4",
+            "--config.train.checkpoint_every=2", "--config.train.batch_size=4", "--config.train.log_every=1",
             f"--config.validation.every={validation_every}"]
 
 
@@ -63,8 +69,10 @@ def exported(workdir: str) -> dict[str, np.ndarray]:
     return load_file(out)
 
 
-def losses(workdir: str) -> list[float]:
-    return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+def metrics(workdir: str) -> list[dict]:
+    """Each step's logged loss and gradient norm."""
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{key: line[key] for key in ("step", "loss", "grad_norm")} for line in lines]
 
 
 def flat(tree: dict[str, np.ndarray]) -> np.ndarray:
@@ -83,26 +91,33 @@ def pretrained(tmp_path_factory) -> tuple[str, dict[str, np.ndarray]]:
 
 def test_two_processes_train_like_one_and_resume_after_a_kill(pretrained, tmp_path):
     flax_dir, hub_weights = pretrained
-    runs = {name: str(tmp_path / name) for name in ("two_by_two", "one_by_four", "one_device", "killed")}
+    single = {"one_by_four": 4, "one_device": 1}
+    runs = {name: str(tmp_path / name) for name in ("two_by_two", "killed", *single, *(f"{n}_again" for n in single))}
 
     job = two_processes(job_args(flax_dir, runs["two_by_two"], validation_every=STEPS), str(tmp_path / "logs"))
     finished(job)
     samples = os.listdir(os.path.join(runs["two_by_two"], "samples", f"step_{STEPS}"))
     assert sorted(samples) == ["0_a_blue_square_is_moving.gif", "0_a_blue_square_is_moving.mp4"]  # process 0 alone
-    for name, devices in (("one_by_four", 4), ("one_device", 1)):
-        subprocess.run([sys.executable, "-m", "vmc_jax.cli", *job_args(flax_dir, runs[name])], env=env(devices),
-                       check=True, capture_output=True, timeout=900)
+    for name, devices in single.items():
+        for run in (name, f"{name}_again"):
+            subprocess.run([sys.executable, "-m", "vmc_jax.cli", *job_args(flax_dir, runs[run])], env=env(devices),
+                           check=True, capture_output=True, timeout=900)
 
-    tuned = {name: exported(runs[name]) for name in ("two_by_two", "one_by_four", "one_device")}
-    deltas = {name: flat(values) for name, values in tuned.items()}
-    start = flat({k: v for k, v in hub_weights.items() if k in tuned["one_device"]})
-    largest = np.abs(deltas["one_device"] - start).max()
-    assert largest > 1e-4
-    for other in ("one_by_four", "one_device"):
-        apart = np.abs(deltas["two_by_two"] - deltas[other]) / largest
-        assert np.quantile(apart, 0.999) <= 1e-3 and apart.max() <= 0.1, (other, np.quantile(apart, 0.999), apart.max())
-    for name in ("one_by_four", "one_device"):
-        np.testing.assert_allclose(losses(runs[name]), losses(runs["two_by_two"]), rtol=1e-5)
+    tuned = {name: exported(runs[name]) for name in ("two_by_two", *single)}
+    for name in single:  # the same job on the same topology: the same bits
+        assert metrics(runs[f"{name}_again"]) == metrics(runs[name]), name
+        again = exported(runs[f"{name}_again"])
+        assert all(np.array_equal(again[k], tuned[name][k]) for k in tuned[name]), name
+    for name in single:  # across topologies: only the reductions' order differs
+        for ours, theirs in zip(metrics(runs[name]), metrics(runs["two_by_two"])):
+            np.testing.assert_allclose([ours["loss"], ours["grad_norm"]], [theirs["loss"], theirs["grad_norm"]],
+                                       rtol=1e-5, err_msg=f"{name}, step {ours['step']}")
+        apart = np.concatenate([np.abs(tuned[name][key].astype(np.float64) - tuned["two_by_two"][key]).ravel()
+                                / np.abs(tuned["one_device"][key].astype(np.float64) - hub_weights[key]).max()
+                                for key in sorted(tuned[name])])
+        share, most = DELTA_WITHIN[name]
+        assert np.mean(apart <= DELTA_RTOL) >= share and apart.max() <= most, (name, np.mean(apart <= DELTA_RTOL),
+                                                                             apart.max())
 
     # Kill process 1 once the first checkpoint is written; the script stops process 0 too.
     job = two_processes(job_args(flax_dir, runs["killed"]), str(tmp_path / "killed_logs"))
@@ -122,5 +137,51 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(pretrained, tmp_pa
     assert interrupted_at < STEPS
 
     finished(two_processes(job_args(flax_dir, runs["killed"]), str(tmp_path / "resumed_logs")))
-    np.testing.assert_array_equal(flat(exported(runs["killed"])), deltas["two_by_two"])
-    assert losses(runs["killed"]) == losses(runs["two_by_two"])
+    np.testing.assert_array_equal(flat(exported(runs["killed"])), flat(tuned["two_by_two"]))
+    assert metrics(runs["killed"]) == metrics(runs["two_by_two"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_a_process_that_never_joins_ends_the_job_in_one_line(tmp_path):
+    """Process 1 never starts: process 0 stops after --join_timeout with one line, not JAX's 300 s abort dump."""
+    port, start = free_port(), time.time()
+    args = job_args(str(tmp_path / "not_read"), str(tmp_path / "w"))
+    done = subprocess.run([sys.executable, "-m", "vmc_jax.cli", *args, f"--coordinator=localhost:{port}",
+                           "--num_processes=2", "--process_id=0", "--join_timeout=3"],
+                          env=env(2), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"vmc-jax: error: the 2 processes of the job did not all join within 3 s (coordinator localhost:{port}); "
+        "is every process started, with the same --coordinator and --num_processes?"], done.stderr[-2000:]
+    assert time.time() - start < 60
+
+
+JOIN_AND_WAIT = """
+import sys, time
+from vmc_jax import parallel
+parallel.initialize("localhost:{port}", 2, int(sys.argv[1]), join_timeout_s=60, heartbeat_timeout_s=2)
+print("joined", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_peer_that_dies_ends_the_others_in_one_line_naming_it():
+    """Process 1 is killed: process 0 stops within the heartbeat timeout, naming process 1 (exit 1)."""
+    code = JOIN_AND_WAIT.format(port=free_port())
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env(1), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for process in processes:
+        assert process.stdout.readline().strip() == "joined"
+    processes[1].kill()
+    killed = time.time()
+    _, err = processes[0].communicate(timeout=60)
+    assert processes[0].returncode == 1
+    assert err.strip().splitlines()[-1] == ("vmc-jax: error: process 1 of 2 went away: no heartbeat for 2 s; "
+                                            "process 0 stops too"), err[-2000:]
+    assert time.time() - killed < 10
+    processes[1].wait()

@@ -1,8 +1,12 @@
-"""The launch scripts in --dry-run mode: the gcloud / vmc-jax command lines they would run."""
+"""The launch scripts: in --dry-run mode, the gcloud / vmc-jax command lines they would run; the local
+multi-process launcher stopping what it started."""
 
 import os
 import shlex
+import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -70,3 +74,36 @@ def test_gpu_script_runs_train_over_local_gpus_or_joins_a_job():
                              INSTALL="1")
     assert install[:3] == ["pip", "install", "-q"] and "jax[cuda12]" in install
     assert {"--coordinator=h0:1234", "--num_processes=2", "--process_id=1"} <= set(train)
+
+
+# A stand-in for vmc-jax: starts a child, writes both pids, then sleeps; one process ignores SIGTERM,
+# as a process whose SIGTERM handler is busy (JAX's preemption notifier) does.
+FAKE_VMC_JAX = """#!/usr/bin/env bash
+sleep 300 & echo $! >> "$PIDS"
+echo $$ >> "$PIDS"
+[[ "$*" == *--process_id=1* ]] && trap '' TERM
+wait
+"""
+
+
+@pytest.mark.skipif(not shutil.which("setsid"), reason="needs util-linux setsid")
+def test_local_multihost_stops_every_process_it_started(tmp_path):
+    """SIGTERM to the script ends both processes and their children, the one ignoring SIGTERM after GRACE."""
+    (tmp_path / "vmc-jax").write_text(FAKE_VMC_JAX)
+    (tmp_path / "vmc-jax").chmod(0o755)
+    pids = tmp_path / "pids"
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PIDS": str(pids), "GRACE": "1",
+           "LOGDIR": str(tmp_path / "logs")}
+    script = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "local_multihost.sh"), "2", "train"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while (not pids.exists() or len(pids.read_text().split()) < 4) and time.time() < deadline:
+        time.sleep(0.05)
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == 4
+    script.send_signal(signal.SIGTERM)
+    assert script.wait(timeout=30) == 143
+    time.sleep(0.2)
+    alive = [pid for pid in started if os.path.exists(f"/proc/{pid}") and
+             open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
+    assert not alive, alive

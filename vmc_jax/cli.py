@@ -11,6 +11,7 @@
     vmc-jax evaluate --workdir W                  motion and appearance of W's newest `generate` samples
                                                   (moving-shapes world clips and prompts)
     vmc-jax train ... --coordinator=HOST:PORT --num_processes=N --process_id=I   one of N processes
+        [--join_timeout=300] [--heartbeat_timeout=30]   seconds; then the job stops with one line (exit 1)
     vmc-jax train ... --multihost                 on a TPU VM slice, where JAX finds the other hosts
 
 A user error prints one line ``vmc-jax: error: ...`` (its detail, if any, on a second) and exits
@@ -45,6 +46,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-process job: HOST
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job: how many processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process job: this process's index.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join the multi-process job JAX discovers (TPU VM slices).")
+_JOIN_TIMEOUT = flags.DEFINE_float("join_timeout", 300, "Multi-process job: seconds for all processes to join.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_float("heartbeat_timeout", 30, "Multi-process job: seconds of silence after "
+                                        "which a peer counts as gone and the job stops.")
 
 COMMANDS = ("convert", "tiny-pipeline", "world-pipeline", "train", "generate", "export", "evaluate")
 _joined_job = False  # whether this process is one of a multi-process job
@@ -214,7 +218,8 @@ def main(argv: list[str]) -> None:
 
             global _joined_job
             _joined_job = parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                              auto=_MULTIHOST.value)
+                                              auto=_MULTIHOST.value, join_timeout_s=_JOIN_TIMEOUT.value,
+                                              heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
         _dispatch(argv[1], argv[2:])
     except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:
         if _VERBOSE.value:
@@ -226,9 +231,6 @@ def run() -> None:
     """Console entry point."""
     if "--verbose" not in sys.argv:
         _quiet_logs()  # before JAX, transformers and orbax are imported
-    from vmc_jax.xla_cpu import apply_cpu_flags
-
-    apply_cpu_flags()  # before JAX starts its CPU backend
     app.run(main, argv=sys.argv, flags_parser=_parse_flags)
 
 

@@ -25,14 +25,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from vmc_jax import peers, xla_cpu
+
 AXES = ("clips", "data")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False) -> bool:
+               process_id: int | None = None, auto: bool = False, join_timeout_s: float = 300,
+               heartbeat_timeout_s: float = 30) -> bool:
     """Joins a multi-process job (`jax.distributed`) if an address is given or `auto`; says whether it did.
 
-    `auto`: let JAX discover the job (TPU VM slices, SLURM, ...).
+    `auto`: let JAX discover the job (TPU VM slices, SLURM, ...). A job whose processes do not
+    all join within `join_timeout_s`, or one whose peer is silent for `heartbeat_timeout_s`,
+    ends with one line (`vmc_jax.peers`).
     """
     explicit = (coordinator, num_processes, process_id)
     if not auto and all(value is None for value in explicit):
@@ -42,7 +47,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                          f"(got {coordinator!r}, {num_processes!r}, {process_id!r})")
     # Collectives between the CPU devices of different processes go through gloo (TPU / GPU have their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    peers.join(coordinator, num_processes, process_id, join_timeout_s, heartbeat_timeout_s)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     return True
@@ -75,6 +80,7 @@ def axis_sizes(sizes: Mapping[str, int], num_devices: int | None = None) -> tupl
 
 def make_mesh(sizes: Mapping[str, int] | None = None) -> Mesh:
     """The ("clips", "data") mesh over all devices of the job; default: every device on "data"."""
+    xla_cpu.check_devices(jax.local_devices())
     # Auto axes: XLA propagates the shardings of the inputs through the model (no annotations in it).
     return jax.make_mesh(axis_sizes(sizes or {"data": -1}), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 

@@ -98,7 +98,8 @@ def encode_prompts(
     inside the encoder. CLIP (diffusers' text-to-video pipelines): padded to ``max_length`` and
     encoded without a mask, as those pipelines do when the config has no ``use_attention_mask``;
     the tokenizer's mask is still returned. A prompt longer than ``max_length`` tokens is
-    truncated, with a warning.
+    truncated, with a warning. Each prompt is encoded alone (a batch of one, one compile), so
+    its states do not depend on which prompts share the call (batched, they move by ~1e-6).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     is_t5 = isinstance(encoder, T5Encoder)
@@ -113,8 +114,9 @@ def encode_prompts(
         add_special_tokens=True, return_tensors="np",
     )
     mask = tokens["attention_mask"]
-    hidden = _apply(encoder, params, tokens["input_ids"], mask if is_t5 else None)
-    return hidden, mask
+    rows = [_apply(encoder, params, ids[None], row[None] if is_t5 else None)
+            for ids, row in zip(tokens["input_ids"], mask)]
+    return jnp.concatenate(rows), mask
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -278,10 +278,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-
-    from vmc_jax.xla_cpu import apply_cpu_flags
-
-    apply_cpu_flags()  # before JAX starts its CPU backend
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "configs/world.py[:HxW]", lock_config=True)
