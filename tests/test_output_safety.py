@@ -4,6 +4,7 @@ evaluation results beside their samples, and no output replaced without --overwr
 
 import glob
 import json
+import logging
 import os
 import pathlib
 import re
@@ -196,3 +197,14 @@ def test_cli_tiny_pipeline_refuses_before_writing_either_folder(tmp_path):
     assert result.stderr.splitlines() == [f"vmc-jax: error: {tmp_path / 'stages'} exists; pass --overwrite to "
                                           "replace it"]
     assert sorted(os.listdir(tmp_path)) == ["stages"] and os.listdir(tmp_path / "stages") == ["mine.txt"]
+
+
+def test_a_killed_runs_temporary_folder_is_removed_next_time(tmp_path, caplog):
+    stale = tmp_path / ".out.tmp0123abcd"  # as a SIGKILL during atomic_dir leaves it
+    stale.mkdir()
+    (stale / "model_index.json").write_text("{}")
+    (tmp_path / ".out.tmpdir").mkdir()  # not of that pattern: kept
+    with caplog.at_level(logging.WARNING), files.atomic_dir(str(tmp_path / "out")):
+        pass
+    assert sorted(os.listdir(tmp_path)) == [".out.tmpdir", "out"]
+    assert f"removing {stale}, left by an interrupted run" in caplog.text

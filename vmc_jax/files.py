@@ -5,16 +5,32 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import re
 import secrets
 import shutil
 from typing import Any, Iterator, Mapping
 
 
+_RANDOM_BYTES = 4
+
+
 def _hidden_sibling(path: str, kind: str) -> str:
     """A fresh name beside ``path`` that no pattern of final names matches: ``.<name>.<kind><random>``."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{kind}{secrets.token_hex(4)}")
+    return os.path.join(folder, f".{name}.{kind}{secrets.token_hex(_RANDOM_BYTES)}")
+
+
+def _remove_stale_folders(path: str) -> None:
+    """Removes the temporary folders of ``path`` that a killed :func:`atomic_dir` left (a converted
+    pipeline can take gigabytes, hidden)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stale = re.compile(re.escape(f".{name}.tmp") + f"[0-9a-f]{{{2 * _RANDOM_BYTES}}}")
+    for entry in os.listdir(folder):
+        if stale.fullmatch(entry) and os.path.isdir(os.path.join(folder, entry)):
+            logging.warning("removing %s, left by an interrupted run", os.path.join(folder, entry))
+            shutil.rmtree(os.path.join(folder, entry))
 
 
 @contextlib.contextmanager
@@ -48,10 +64,11 @@ def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
 
     An existing ``path`` (a file, or a folder that is not empty) is refused before anything is
     written, unless ``overwrite``, which replaces it whole. On failure the temporary folder is
-    removed, so ``path`` is as it was and no stray sibling is left.
+    removed, so ``path`` is as it was and no stray sibling is left (nor one of a killed run, next time).
     """
     refuse_existing(path, overwrite)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _remove_stale_folders(path)
     tmp = _hidden_sibling(path, "tmp")
     os.mkdir(tmp, 0o777)  # the umask applies
     try:
