@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     if args.guidance is not None:
         config.sampling.guidance = args.guidance
     if not os.path.isdir(config.pretrained):
-        hub = world_pretraining.write_pretrained_pipeline(os.path.join(args.workdir, "pipeline_hub"))
+        hub = world_pretraining.write_pretrained_pipeline(os.path.join(args.workdir, "pipeline_hub"), overwrite=True)
         convert(hub, config.pretrained)
     model, params, scheduler = generate.load_keyframe_unet(config)
     if not args.x0_clipping:

@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     if not os.path.isfile(os.path.join(pipeline, "model_index.json")):
         if args.pipeline:
             raise SystemExit(f"--pipeline {args.pipeline}: no model_index.json there")
-        world_pretraining.write_pretrained_pipeline(pipeline)
+        world_pretraining.write_pretrained_pipeline(pipeline, overwrite=True)  # absent or incomplete
     rng = np.random.default_rng(123)
     prompts = [world.prompt_for(str(rng.choice(list(world.COLOURS))), str(rng.choice(world.SHAPES)),
                                 str(rng.choice(list(world.BACKGROUNDS)))) for _ in range(args.prompts)]

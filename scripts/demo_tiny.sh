@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-workdirs/tiny}
-vmc-jax tiny-pipeline "$out/pipeline_hub"
+vmc-jax tiny-pipeline "$out/pipeline_hub" --overwrite
 vmc-jax convert "$out/pipeline_hub" "$out/pipeline_flax" --overwrite
 vmc-jax train --config configs/vmc.py:tiny --workdir "$out/run" --config.pretrained="$out/pipeline_flax"
 vmc-jax generate --workdir "$out/run" --prompt "a blue square is moving on the snow"

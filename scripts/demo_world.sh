@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-workdirs/world}
-vmc-jax world-pipeline "$out/pipeline_hub"
+vmc-jax world-pipeline "$out/pipeline_hub" --overwrite
 vmc-jax convert "$out/pipeline_hub" "$out/pipeline_flax" --overwrite
 vmc-jax train --config configs/vmc.py:world --workdir "$out/run" --config.pretrained="$out/pipeline_flax"
 vmc-jax generate --workdir "$out/run"  # the config's prompts: configs/vmc.py WORLD_TARGETS
-vmc-jax evaluate --workdir "$out/run"
+vmc-jax evaluate --workdir "$out/run" --overwrite

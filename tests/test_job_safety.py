@@ -100,6 +100,16 @@ def test_a_second_training_run_on_a_busy_workdir_is_refused(trained, tmp_path):
     assert not os.path.exists(tmp_path / workdir.CONFIG_FILE)  # refused before writing anything
 
 
+def test_a_training_run_refused_for_its_video_writes_nothing(tiny_pipeline_flax, tmp_path):
+    config = tiny_config(tiny_pipeline_flax)
+    config.data.num_frames = 1000
+    (tmp_path / "notes.txt").write_text("mine")
+    before = listing(tmp_path)
+    with pytest.raises(ValueError, match=r"has \d+ frames; num_frames=1000"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert listing(tmp_path) == before  # no config.json, prompt_embeddings.npz or lock
+
+
 def test_a_stale_lock_is_taken_over_and_released(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -252,10 +262,23 @@ def test_a_prompt_longer_than_the_encoder_reads_is_warned_about(tiny_pipeline_fl
                                       "the text encoder reads only the first 77"]
 
 
+def listing(folder):
+    """Every path under ``folder`` (relative), with the content of each file."""
+    found = {}
+    for parent, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = os.path.join(parent, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read() if os.path.isfile(path) else None
+    return found
+
+
 def test_generate_without_a_checkpoint_needs_allow_untuned(tiny_pipeline_flax, tmp_path, monkeypatch):
     config = tiny_config(tiny_pipeline_flax)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = listing(tmp_path)
     with pytest.raises(JobError, match=r"no checkpoint in .*: run `vmc-jax train` first, or pass --allow_untuned"):
         generate.generate_prompts(config, str(tmp_path), ["a cat"])
+    assert listing(tmp_path) == before  # refused: nothing written (no empty checkpoints/)
     used = []
     monkeypatch.setattr(generate, "keyframe_videos", lambda model, params, *a: used.append(params) or [
         np.zeros((2, 8, 8, 3), np.float32)])
@@ -299,6 +322,24 @@ def test_cli_plain_cpu_run_is_quiet(trained, tmp_path):
     result = vmc_jax_cli("export", "--workdir", job, "--out", str(tmp_path / "d.safetensors"))
     assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "d.safetensors")
     assert result.stderr == "", result.stderr
+
+
+def test_export_honours_the_umask(trained, tmp_path):
+    """The delta is 0644 under umask 022 (safetensors' save_file made it 0600 whatever the umask)."""
+    config, job = trained
+    old = os.umask(0o022)
+    try:
+        out = export_tuned(config, job, str(tmp_path / "delta.safetensors"))
+    finally:
+        os.umask(old)
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o644)
+
+
+def test_cli_export_to_a_place_it_cannot_write_is_one_line(trained):
+    _, job = trained
+    result = vmc_jax_cli("export", "--workdir", job, "--out", "/sys/delta.safetensors")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == ["vmc-jax: error: [Errno 13] Permission denied: '/sys/delta.safetensors'"]
 
 
 def test_cli_diverged_run_exits_1_in_one_line(tiny_pipeline_flax, tmp_path):

@@ -140,7 +140,7 @@ def test_overwrite_replaces_a_converted_model(pipelines, tmp_path):
     hub, _, _ = pipelines
     src, dst = os.path.join(hub, "text_encoder"), str(tmp_path / "text_encoder")
     convert(src, dst)
-    with pytest.raises(FileExistsError, match=re.escape(f"{dst} already exists; pass overwrite=True")):
+    with pytest.raises(FileExistsError, match=re.escape(f"{dst} exists; pass --overwrite to replace it")):
         convert(src, dst)
     (tmp_path / "text_encoder" / "stale").write_text("")
     assert convert(src, dst, overwrite=True) == [dst]
@@ -172,7 +172,7 @@ def test_vae_without_its_loader(tmp_path, monkeypatch):
 def test_refuses_to_overwrite_a_converted_pipeline(pipelines):
     hub, flax, _ = pipelines
     before = _files(flax)
-    with pytest.raises(FileExistsError, match="model_index.json already exists; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=re.escape(f"{flax} exists; pass --overwrite to replace it")):
         convert(hub, flax)
     assert _files(flax) == before
 
@@ -221,3 +221,69 @@ def test_unknown_model_class(tmp_path):
     with pytest.raises(ValueError, match=re.escape(config_path) + ": unknown model class .*'UNet1DModel'"):
         convert(str(tmp_path), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def _copy_of(hub: str, tmp_path) -> str:
+    import shutil
+
+    return shutil.copytree(hub, str(tmp_path / "hub"))
+
+
+def test_a_failed_conversion_leaves_nothing_at_the_destination(pipelines, tmp_path):
+    """A truncated UNet is named in the error; the components converted before it are not left as a
+    pipeline under DST, nor in a temporary folder beside it."""
+    hub = _copy_of(pipelines[0], tmp_path)
+    weights = os.path.join(hub, "unet", "diffusion_pytorch_model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(ValueError, match=re.escape(weights)):
+        convert(hub, str(tmp_path / "flax"))
+    assert sorted(os.listdir(tmp_path)) == ["hub"]
+
+
+def test_a_failed_overwrite_keeps_the_previous_conversion(pipelines, tmp_path):
+    hub, flax, _ = pipelines
+    broken = _copy_of(hub, tmp_path)
+    os.remove(os.path.join(broken, "unet", "diffusion_pytorch_model.safetensors"))
+    os.remove(os.path.join(broken, "unet", "config.json"))
+    before = _files(flax)
+    with pytest.raises(ValueError, match=r"cannot convert the pipeline's unet: .*unet has no weights file"):
+        convert(broken, flax, overwrite=True)
+    assert _files(flax) == before and not [n for n in os.listdir(os.path.dirname(flax)) if n.startswith(".")]
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no class", r"cannot convert the pipeline's unet: vmc_jax has no converter for it: .*unet/config.json: "
+                 r"unknown model class not named"),
+    ("no folder", r"cannot convert the pipeline's unet: .*model_index.json lists it but there is no folder .*unet"),
+])
+def test_a_pipeline_without_a_convertible_unet_is_refused(pipelines, tmp_path, breakage, message):
+    hub = _copy_of(pipelines[0], tmp_path)
+    unet = os.path.join(hub, "unet")
+    if breakage == "no class":
+        config = checkpoints.read_config(unet)
+        del config["_class_name"]
+        with open(os.path.join(unet, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+    else:
+        import shutil
+
+        shutil.rmtree(unet)
+    with pytest.raises(ValueError, match=message):
+        convert(hub, str(tmp_path / "flax"))
+    assert not os.path.exists(tmp_path / "flax")
+
+
+def test_tiny_pipelines_are_made_whole_and_never_over_an_existing_folder(tmp_path):
+    from vmc_jax.tiny_pipeline import make_tiny_cascade
+
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "mine.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'hub'} exists; pass --overwrite")):
+        make_tiny_pipeline(str(tmp_path / "hub"))
+    with pytest.raises(FileExistsError, match="exists; pass --overwrite"):
+        make_tiny_cascade(str(tmp_path / "hub"))
+    assert _files(tmp_path) == {"hub/mine.txt": b"precious"}
+    make_tiny_pipeline(str(tmp_path / "hub"), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "hub")) == sorted(["model_index.json", *MODEL_COMPONENTS, *COPIED_COMPONENTS])
+    assert sorted(os.listdir(tmp_path)) == ["hub"]

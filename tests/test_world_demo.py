@@ -53,12 +53,13 @@ def test_vmc_moves_new_objects_along_the_input_path(world_flax, tmp_path):
     generate.generate_prompts(config, job, [])  # the config's prompts
     printed = subprocess.run([sys.executable, "-m", "vmc_jax.cli", "evaluate", "--workdir", job],
                              capture_output=True, text=True, check=True).stdout
-    with open(os.path.join(job, "evaluation", "generate_100", "metrics.json"), encoding="utf-8") as f:
+    folder = os.path.join(job, "samples", "generate_100", evaluation.EVALUATION_DIR)
+    with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
         tuned = json.load(f)
     assert f"motion_error_px  {round(tuned['summary']['motion_error_px'], 3)}" in printed
     assert tuned["summary"]["found_fraction"] == 1.0  # an object in every frame, so the error is a distance
     assert {clip["target_prompt"] for clip in tuned["clips"]} == set(TARGETS)
-    assert all(os.path.isfile(clip["gif"]) for clip in tuned["clips"])
+    assert all(os.path.isfile(os.path.join(folder, clip["gif"])) for clip in tuned["clips"])
 
     model, params, scheduler = generate.load_keyframe_unet(config)
     texts = prompts.embed_prompts(config.pretrained, ["", *TARGETS], job)

@@ -101,10 +101,11 @@ class TrainCheckpoints:
     (``strict`` refuses instead); a storage error while saving is reported once, as a JobError.
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 2, strict: bool = False):
+    def __init__(self, directory: str, max_to_keep: int = 2, strict: bool = False, create: bool = True):
+        """``create=False`` for readers (generate, export): a missing ``directory`` is not made, just empty."""
         self.directory = os.path.abspath(directory)
         self.strict = strict
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=ocp.StandardCheckpointHandler())
         self._writing: int | None = None  # the step being written in the background

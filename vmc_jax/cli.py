@@ -1,21 +1,22 @@
 """The ``vmc-jax`` command.
 
     vmc-jax convert SRC DST [--overwrite]         hub pipeline or model folder -> Flax checkpoints
-    vmc-jax tiny-pipeline DST [STAGES_DST]        write a small random Show-1 pipeline (hub format),
+    vmc-jax tiny-pipeline DST [STAGES_DST] [--overwrite]  write a small random Show-1 pipeline (hub format),
                                                   and tiny pipelines of the later cascade stages
     vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...] [--strict]
     vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--allow_untuned]   keyframes, tuned weights
         [--stages keyframes,interpolation,sr1,sr2]      and the later cascade stages
     vmc-jax export --workdir W --out FILE.safetensors [--overwrite]               the tuned delta, PyTorch names
-    vmc-jax world-pipeline DST                    write the pretrained moving-shapes world pipeline (hub format)
-    vmc-jax evaluate --workdir W                  motion and appearance of W's newest `generate` samples
+    vmc-jax world-pipeline DST [--overwrite]      write the pretrained moving-shapes world pipeline (hub format)
+    vmc-jax evaluate --workdir W [--overwrite]    motion and appearance of W's newest `generate` samples
                                                   (moving-shapes world clips and prompts)
     vmc-jax train ... --coordinator=HOST:PORT --num_processes=N --process_id=I   one of N processes
         [--join_timeout=300] [--heartbeat_timeout=30]   seconds; then the job stops with one line (exit 1)
     vmc-jax train ... --multihost                 on a TPU VM slice, where JAX finds the other hosts
 
 A user error prints one line ``vmc-jax: error: ...`` (its detail, if any, on a second) and exits
-with 2 (``--verbose`` adds the traceback); a run that diverges exits with 1.
+with 2 (``--verbose`` adds the traceback); a run that diverges exits with 1. No command replaces an
+existing output unless ``--overwrite``; a refused command writes nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt to generate (repeata
 _OUT = flags.DEFINE_string("out", None, "The file `export` writes (*.safetensors).")
 _STAGES = flags.DEFINE_list("stages", None, "`generate`: cascade stages, e.g. keyframes,interpolation,sr1,sr2 "
                             "(default: keyframes and every stage config.cascade gives a folder for).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`, `export`: replace existing files.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`, `tiny-pipeline`, `world-pipeline`, `export`, "
+                                "`evaluate`: replace an existing output.")
 _STRICT = flags.DEFINE_bool("strict", False, "Refuse an unreadable latest checkpoint instead of using the previous.")
 _ALLOW_UNTUNED = flags.DEFINE_bool("allow_untuned", False, "`generate`: sample with the pretrained weights "
                                    "when the workdir has no checkpoint.")
@@ -166,25 +168,28 @@ def _dispatch(command: str, args: list[str]) -> None:
         convert(*args, overwrite=_OVERWRITE.value)
     elif command == "tiny-pipeline":
         if len(args) not in (1, 2):
-            raise app.UsageError("usage: vmc-jax tiny-pipeline DST [STAGES_DST]")
+            raise app.UsageError("usage: vmc-jax tiny-pipeline DST [STAGES_DST] [--overwrite]")
+        from vmc_jax import files
         from vmc_jax.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
 
-        print(make_tiny_pipeline(args[0]))
-        for path in make_tiny_cascade(args[1]).values() if len(args) == 2 else ():
+        for folder in args:  # both, before either is written
+            files.refuse_existing(folder, _OVERWRITE.value)
+        print(make_tiny_pipeline(args[0], overwrite=_OVERWRITE.value))
+        for path in make_tiny_cascade(args[1], overwrite=_OVERWRITE.value).values() if len(args) == 2 else ():
             print(path)
     elif command == "world-pipeline":
         if len(args) != 1:
-            raise app.UsageError("usage: vmc-jax world-pipeline DST")
+            raise app.UsageError("usage: vmc-jax world-pipeline DST [--overwrite]")
         from vmc_jax.world_pretraining import write_pretrained_pipeline
 
-        print(write_pretrained_pipeline(args[0]))
+        print(write_pretrained_pipeline(args[0], overwrite=_OVERWRITE.value))
     elif command == "evaluate":
         from vmc_jax.evaluation import evaluate_workdir
 
-        result = evaluate_workdir(_job_config(), _require(_WORKDIR, "workdir"))
+        result, folder = evaluate_workdir(_job_config(), _require(_WORKDIR, "workdir"), overwrite=_OVERWRITE.value)
         for name, value in result["summary"].items():
             print(f"{name:16} {'-' if value is None else round(value, 3)}")
-        print(f"per clip, with side-by-side gifs: {os.path.dirname(result['clips'][0]['gif'])}")
+        print(f"per clip, with side-by-side gifs: {folder}")
     elif command == "train":
         from vmc_jax.train import train_and_evaluate
 

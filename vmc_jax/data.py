@@ -183,10 +183,11 @@ def save_video(frames: np.ndarray, path: str, fps: float = 4.0) -> None:
     ext = os.path.splitext(path)[1]
     if ext not in (".gif", ".mp4"):
         raise ValueError(f"unsupported video extension {ext!r} in {path!r} (use .gif or .mp4)")
-    with files.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:  # the temporary name has no extension: the format is given
         if ext == ".gif":
             # Pillow merges held frames whatever the options; the comment lets read_frames undo it
             iio.imwrite(tmp, pixels, extension=".gif", duration=1000 / fps, loop=0,
                         comment=f"{_GIF_FRAME_COMMENT}{1000 / fps:.6g}")
         else:
-            iio.imwrite(tmp, pixels, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)
+            iio.imwrite(tmp, pixels, plugin="FFMPEG", extension=ext, fps=fps, codec="libx264", macro_block_size=1,
+                        output_params=["-f", "mp4"])

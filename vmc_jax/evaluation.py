@@ -18,11 +18,12 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vmc_jax import world
+from vmc_jax import files, world
 
 # A frame whose object covers less area than this (pixels) has no object.
 MIN_AREA = 0.5
@@ -246,7 +247,8 @@ def evaluate_world_clips(inputs: Sequence[np.ndarray], input_prompts: Sequence[s
                          generated: Sequence[np.ndarray], target_prompts: Sequence[str],
                          out_dir: str | None = None) -> dict[str, Any]:
     """Compares each generated clip with its input; returns {"summary", "clips"} and, given ``out_dir``,
-    writes it as ``metrics.json`` with a side-by-side gif per clip (``<i>_side_by_side.gif``).
+    writes it as ``metrics.json`` with a side-by-side gif per clip (``<i>_side_by_side.gif``, named in
+    its "gif" relative to ``out_dir``).
 
     Videos are ``(f, h, w, 3)`` uint8 or float in [0, 1]; prompts are world prompts.
     """
@@ -259,17 +261,13 @@ def evaluate_world_clips(inputs: Sequence[np.ndarray], input_prompts: Sequence[s
         metrics, reference, reading = compare(source, source_prompt, made, prompt)
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
-            gif = os.path.join(out_dir, f"{i}_side_by_side.gif")
-            write_side_by_side(gif, as_unit_rgb(source), as_unit_rgb(made), reference.track, reading.track)
-            metrics["gif"] = gif
+            metrics["gif"] = f"{i}_side_by_side.gif"
+            write_side_by_side(os.path.join(out_dir, metrics["gif"]), as_unit_rgb(source), as_unit_rgb(made),
+                               reference.track, reading.track)
         per_clip.append(metrics)
     result = {"summary": summarise(per_clip), "clips": per_clip}
     if out_dir is not None:
-        path = os.path.join(out_dir, "metrics.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        files.write_text_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -308,26 +306,34 @@ def evaluate_files(input_path: str, input_prompt: str, samples: Mapping[str, str
     return evaluate_world_clips(inputs, [input_prompt] * len(samples), generated, list(samples.values()), out_dir)
 
 
-def evaluate_workdir(config: Any, job_dir: str) -> dict[str, Any]:
-    """``vmc-jax evaluate``: :func:`evaluate_files` on the newest ``generate`` samples of ``job_dir``
-    (their prompts from its samples index) against the job's clip and prompt; writes them under
-    ``job_dir/evaluation/<samples folder>``."""
+EVALUATION_DIR = "evaluation"  # in the samples folder it measures
+
+
+def evaluate_workdir(config: Any, job_dir: str, overwrite: bool = False) -> tuple[dict[str, Any], str]:
+    """``vmc-jax evaluate``: :func:`evaluate_files` on the samples of ``job_dir``'s newest ``generate``
+    step (each file its samples index lists, once, with its prompt) against the job's clip and
+    prompt; returns (the result, the folder it is written to: ``evaluation/`` in that samples folder,
+    made whole or not at all, and replaced only if ``overwrite``)."""
     from vmc_jax import generate, workdir  # the job layer, needed only here
 
     samples_root = workdir.samples_dir(job_dir, "")
-    runs = sorted((d for d in os.listdir(samples_root) if d.startswith("generate_")) if os.path.isdir(samples_root)
-                  else (), key=lambda d: os.path.getmtime(os.path.join(samples_root, d)))
-    index_path = os.path.join(samples_root, runs[-1], generate.SAMPLES_INDEX) if runs else None
+    steps = sorted(int(d[len("generate_"):]) for d in (os.listdir(samples_root) if os.path.isdir(samples_root) else ())
+                   if re.fullmatch(r"generate_\d+", d))
+    run_dir = os.path.join(samples_root, f"generate_{steps[-1]}") if steps else None
+    index_path = os.path.join(run_dir, generate.SAMPLES_INDEX) if run_dir else None
     if index_path is None or not os.path.isfile(index_path):
         raise ValueError(f"no `vmc-jax generate` samples with a {generate.SAMPLES_INDEX} in {samples_root}: "
                          "run `vmc-jax generate --workdir ... --prompt ...` first")
     with open(index_path, encoding="utf-8") as f:
-        samples = {os.path.join(samples_root, runs[-1], name): prompt for name, prompt in json.load(f).items()}
+        listed = json.load(f)
+    samples = {os.path.normpath(os.path.join(run_dir, name)): prompt for name, prompt in listed.items()}
     for prompt in [config.prompt, *samples.values()]:
         world.parse_prompt(prompt)  # the measures are defined for the moving-shapes world's prompts only
     d = config.data
-    return evaluate_files(config.video, config.prompt, samples, os.path.join(job_dir, "evaluation", runs[-1]),
-                          d.num_frames, d.stride, d.start, d.reverse)
+    out_dir = os.path.join(run_dir, EVALUATION_DIR)
+    with files.atomic_dir(out_dir, overwrite) as tmp:
+        return evaluate_files(config.video, config.prompt, samples, tmp, d.num_frames, d.stride, d.start,
+                              d.reverse), out_dir
 
 
 # Track colours in the gif: the input's path (cyan) on both panels, the generated one's (magenta) on its own.

@@ -20,12 +20,10 @@ from vmc_jax.loading import build_unet, to_torch_state_dict
 def export_tuned(config: ml_collections.ConfigDict, job_dir: str, out: str, overwrite: bool = False,
                  strict: bool = False) -> str:
     """Writes the tuned delta of the workdir's newest readable checkpoint to ``out``; returns ``out``."""
-    from safetensors.numpy import save_file
-
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out {out!r}: the delta is written as safetensors; name it *.safetensors")
     files.refuse_existing(out, overwrite)
-    store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict)
+    store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict, create=False)
     step, state = store.restore_latest()
     if step is None:
         raise JobError(f"no checkpoint in {store.directory} to export")
@@ -37,6 +35,4 @@ def export_tuned(config: ml_collections.ConfigDict, job_dir: str, out: str, over
         raise JobError(f"checkpoint step {step} in {store.directory} has non-finite values in {len(bad)} "
                        f"tensors (first: {bad[0]}); not exporting it")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with files.atomic_path(out) as tmp:
-        save_file(state_dict, tmp, metadata={"format": "pt", "step": str(step)})
-    return out
+    return files.write_safetensors(out, state_dict, metadata={"format": "pt", "step": str(step)})

@@ -28,6 +28,9 @@ from vmc_jax.weights import model_config
 
 VIDEO_FORMATS = ("gif", "mp4")
 SAMPLES_INDEX = "samples.json"  # in each samples folder of `generate`: keyframe video file -> prompt
+# A prompt's part of a file name: at most this many characters and UTF-8 bytes (whole characters), which
+# leaves room in a 255-byte name for "<i>_", "_<stage>", "-<n>", the extension and the temporary name.
+SLUG_CHARACTERS, SLUG_BYTES = 60, 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,16 +115,16 @@ def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: n
 def write_videos(videos: list[np.ndarray], prompt_list: list[str], out_dir: str, fps: float,
                  overwrite: bool = False, suffix: str = "") -> list[str]:
     """Writes each video as ``<i>_<prompt><suffix>.gif`` and ``.mp4``; unless ``overwrite``, a taken name
-    gets ``-2``..."""
-    os.makedirs(out_dir, exist_ok=True)
+    gets ``-2``... Names are chosen and written under the folder's lock, so runs at once never share one."""
     written = []
-    for i, (video, prompt) in enumerate(zip(videos, prompt_list)):
-        stem = os.path.join(out_dir, f"{i}_{_slug(prompt)}{suffix}")
-        if not overwrite:
-            stem = _unused_stem(stem)
-        for ext in VIDEO_FORMATS:
-            data.save_video(video, f"{stem}.{ext}", fps=fps)
-            written.append(f"{stem}.{ext}")
+    with files.locked(os.path.join(out_dir, SAMPLES_INDEX)):
+        for i, (video, prompt) in enumerate(zip(videos, prompt_list)):
+            stem = os.path.join(out_dir, _file_stem(i, prompt, suffix))
+            if not overwrite:
+                stem = _unused_stem(stem)
+            for ext in VIDEO_FORMATS:
+                data.save_video(video, f"{stem}.{ext}", fps=fps)
+                written.append(f"{stem}.{ext}")
     return written
 
 
@@ -135,8 +138,20 @@ def _unused_stem(stem: str) -> str:
     return candidate
 
 
+def _file_stem(index: int, prompt: str, suffix: str = "") -> str:
+    return f"{index}_{_slug(prompt)}{suffix}"
+
+
 def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")[:60] or "empty"
+    slug = "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")[:SLUG_CHARACTERS]
+    return slug.encode()[:SLUG_BYTES].decode("utf-8", "ignore") or "empty"  # "ignore": a cut character is dropped
+
+
+def check_file_names(prompt_list: list[str], stages: list[str], out_dir: str) -> None:
+    """Refuses, before any sampling, prompts whose video files the file system of ``out_dir`` cannot name."""
+    stems = [_file_stem(i, p, suffix) for i, p in enumerate(prompt_list)
+             for suffix in ["", *(f"_{stage}" for stage in stages if stage != "keyframes")]]
+    files.check_name_fits(out_dir, max(stems, key=lambda stem: len(stem.encode())) + f"-999.{VIDEO_FORMATS[0]}")
 
 
 def write_cascade(config: ml_collections.ConfigDict, videos: list[np.ndarray], texts: dict[str, np.ndarray],
@@ -164,7 +179,8 @@ def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_lis
         raise ValueError("no prompt given (--prompt), and config.validation.prompts is empty")
     job_config.validate_config(config)
     stages = cascade_runner.checked_stages(config, stages)  # before any sampling
-    store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict)
+    check_file_names(prompt_list, stages, workdir.samples_dir(job_dir, ""))
+    store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict, create=False)
     step, state = store.restore_latest()
     if step is None and not allow_untuned:
         raise JobError(f"no checkpoint in {store.directory}: run `vmc-jax train` first, "
@@ -185,11 +201,13 @@ def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_lis
 
 def _record_prompts(out_dir: str, samples: dict[str, str]) -> None:
     """Adds ``samples`` (keyframe video file -> its prompt) to ``out_dir``'s SAMPLES_INDEX, which
-    ``vmc-jax evaluate`` reads; file names are relative to ``out_dir``."""
+    ``vmc-jax evaluate`` reads; file names are relative to ``out_dir``. Under the folder's lock, so
+    that runs at once each add theirs."""
     path = os.path.join(out_dir, SAMPLES_INDEX)
-    index = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    index.update({os.path.relpath(file, out_dir): prompt for file, prompt in samples.items()})
-    files.write_text_atomic(path, json.dumps(index, indent=2) + "\n")
+    with files.locked(path):
+        index = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f)
+        index.update({os.path.relpath(file, out_dir): prompt for file, prompt in samples.items()})
+        files.write_text_atomic(path, json.dumps(index, indent=2) + "\n")

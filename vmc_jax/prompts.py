@@ -49,9 +49,17 @@ def embed_prompts(pretrained: str, prompts: Sequence[str], cache_dir: str) -> di
         encoder, params = text.load_text_encoder(os.path.join(pretrained, "text_encoder"))
         tokenizer = text.load_tokenizer(pretrained)
         hidden, _ = text.encode_prompts(tokenizer, encoder, params, missing)
-        cached.update({_key(pretrained, p): np.asarray(h, np.float32) for p, h in zip(missing, hidden)})
+        new = {_key(pretrained, p): np.asarray(h, np.float32) for p, h in zip(missing, hidden)}
         del encoder, params
-        os.makedirs(cache_dir, exist_ok=True)
-        with files.atomic_path(path) as tmp:
-            np.savez(tmp, **cached)
+        cached.update(new)
+        _add_to_cache(path, new)
     return {p: cached[_key(pretrained, p)] for p in prompts}
+
+
+def _add_to_cache(path: str, new: dict[str, np.ndarray]) -> None:
+    """Adds ``new`` to the cache file ``path`` under its lock, re-reading it there: a run at once in the
+    same workdir may have added prompts of its own since this one read it."""
+    with files.locked(path):
+        stored = dict(np.load(path)) if os.path.isfile(path) else {}
+        with files.atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
+            np.savez(f, **{**stored, **new})

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 
+from vmc_jax import files
 from vmc_jax.loading import abstract_params, build_unet, to_torch_state_dict
 from vmc_jax.text import text_encoder_from_config
 
@@ -155,21 +155,22 @@ _LAST_TEMPORAL_CONV = "conv4_3"
 
 
 def make_tiny_pipeline(folder: str, seed: int = 0, unet_config: dict[str, Any] = UNET_CONFIG,
-                       prompts: Sequence[str] = PROMPTS) -> str:
-    """Writes the tiny random Show-1 keyframe pipeline (hub format) into ``folder``; returns ``folder``.
+                       prompts: Sequence[str] = PROMPTS, overwrite: bool = False) -> str:
+    """Writes the tiny random Show-1 keyframe pipeline (hub format) as ``folder``; returns ``folder``.
 
     ``unet_config`` and ``prompts`` (whose words the tokenizer spells as one piece each) default
-    to the demo's; the moving-shapes world's pretraining starts from its own.
+    to the demo's; the moving-shapes world's pretraining starts from its own. The folder is built
+    beside ``folder`` and renamed when complete; an existing one is replaced only if ``overwrite``.
     """
-    os.makedirs(folder, exist_ok=True)
-    vocab_size = _write_tokenizer(os.path.join(folder, "tokenizer"), prompts)
-    t5_config = {**T5_CONFIG, "vocab_size": vocab_size}
-    write_random_model(os.path.join(folder, "text_encoder"), t5_config, text_encoder_from_config(t5_config),
-                 "model.safetensors", seed)
-    write_random_model(os.path.join(folder, "unet"), unet_config, build_unet(unet_config),
-                 "diffusion_pytorch_model.safetensors", seed + 1)
-    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
-    _write_json(os.path.join(folder, "model_index.json"), MODEL_INDEX)
+    with files.atomic_dir(folder, overwrite) as tmp:
+        vocab_size = _write_tokenizer(os.path.join(tmp, "tokenizer"), prompts)
+        t5_config = {**T5_CONFIG, "vocab_size": vocab_size}
+        write_random_model(os.path.join(tmp, "text_encoder"), t5_config, text_encoder_from_config(t5_config),
+                           "model.safetensors", seed)
+        write_random_model(os.path.join(tmp, "unet"), unet_config, build_unet(unet_config),
+                           "diffusion_pytorch_model.safetensors", seed + 1)
+        _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
+        _write_json(os.path.join(tmp, "model_index.json"), MODEL_INDEX)
     return folder
 
 
@@ -214,7 +215,7 @@ def write_random_model(folder: str, config: dict[str, Any], module: nn.Module, w
     """Writes ``config.json`` and random weights of ``module`` under their PyTorch names (safetensors)."""
     state_dict = to_torch_state_dict(module, random_params(module, seed))
     os.makedirs(folder, exist_ok=True)
-    save_file(state_dict, os.path.join(folder, weights_name), metadata={"format": "pt"})
+    files.write_safetensors(os.path.join(folder, weights_name), state_dict, metadata={"format": "pt"})
     _write_json(os.path.join(folder, "config.json"), config)
 
 
@@ -351,20 +352,27 @@ STAGE_PIPELINES = {  # stage -> pipeline class, as in each released pipeline's m
 }
 
 
-def make_tiny_cascade(folder: str, seed: int = 10) -> dict[str, str]:
-    """Writes tiny random pipelines of the stages after the keyframes into ``folder/<stage>``
+def make_tiny_cascade(folder: str, seed: int = 10, overwrite: bool = False) -> dict[str, str]:
+    """Writes tiny random pipelines of the stages after the keyframes as ``folder/<stage>``
     (hub format, the released folder layouts); returns ``{stage: folder}``.
 
     The pixel stages hold ``unet/`` and ``scheduler/`` (SR stages also ``image_noising_scheduler/``);
     they take the keyframe pipeline's T5 states. sr2 holds ``unet/``, ``vae/``, ``text_encoder/``
-    (CLIP), ``tokenizer/`` and ``scheduler/``.
+    (CLIP), ``tokenizer/`` and ``scheduler/``. ``folder`` is built beside itself and renamed when
+    complete; an existing one is replaced only if ``overwrite``.
     """
+    with files.atomic_dir(folder, overwrite) as tmp:
+        _write_tiny_cascade(tmp, seed)
+    return {stage: os.path.join(folder, stage) for stage in STAGE_PIPELINES}
+
+
+def _write_tiny_cascade(folder: str, seed: int) -> None:
+    """Fills ``folder`` with the stage pipelines of :func:`make_tiny_cascade`."""
     unets = {"interpolation": (INTERPOLATION_UNET_CONFIG, "UNet3DConditionModel"),
              "sr1_image": (IF_II_UNET_CONFIG, "UNet2DConditionModel"),
              "sr1": (SR1_UNET_CONFIG, "UNet3DConditionModel"), "sr2": (SR2_UNET_CONFIG, "UNet3DConditionModel")}
-    paths = {}
     for i, (stage, (config, unet_class)) in enumerate(unets.items()):
-        path = paths[stage] = os.path.join(folder, stage)
+        path = os.path.join(folder, stage)
         write_random_model(os.path.join(path, "unet"), config, build_unet(config),
                      "diffusion_pytorch_model.safetensors", seed + i)
         index = {"_class_name": STAGE_PIPELINES[stage], "_diffusers_version": "0.19.3",
@@ -380,7 +388,6 @@ def make_tiny_cascade(folder: str, seed: int = 10) -> dict[str, str]:
                         NOISING_SCHEDULER_CONFIG)
             index["image_noising_scheduler"] = ["diffusers", "DDPMScheduler"]
         _write_json(os.path.join(path, "model_index.json"), index)
-    return paths
 
 
 def _write_sr2_parts(path: str, seed: int) -> None:

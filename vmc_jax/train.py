@@ -77,15 +77,15 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> tra
                          "or list several clips in config.clips")
     logging.info("mesh: %s; %d clip(s)", parallel.describe(mesh), len(jobs))
     stages = cascade_runner.checked_stages(c, list(c.validation.stages))  # before any sampling
+    videos = [generate.training_clip(j.config) for j in jobs]  # what can refuse, before the first write
+    model, params, scheduler = generate.load_keyframe_unet(c)
+    texts = prompts.embed_prompts(c.pretrained, [*(j.train_prompt for j in jobs), "", c.sampling.negative_prompt,
+                                                 *(p for j in jobs for p in j.config.validation.prompts)], job_dir)
     if main:
         workdir.save_config(job_dir, c)
         for job in jobs if stacked else ():
             os.makedirs(job.folder, exist_ok=True)
             workdir.save_config(job.folder, job.config)
-    model, params, scheduler = generate.load_keyframe_unet(c)
-    texts = prompts.embed_prompts(c.pretrained, [*(j.train_prompt for j in jobs), "", c.sampling.negative_prompt,
-                                                 *(p for j in jobs for p in j.config.validation.prompts)], job_dir)
-    videos = [generate.training_clip(j.config) for j in jobs]
     for job, video in zip(jobs, videos):
         logging.info("%straining prompt %r on %s (%d frames, %dx%d)", f"{job.name}: " if job.name else "",
                      job.train_prompt, job.config.video, *video.shape[:3])

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from safetensors.numpy import save_file
 
 from vmc_jax import checkpoints, files, generate, prompts, schedulers, tiny_pipeline, training, world
 from vmc_jax.loading import load_unet, to_torch_state_dict
@@ -113,16 +112,17 @@ def install_unet(folder: str, weights: str, model: ml_collections.ConfigDict) ->
     if mismatched:
         raise ValueError(f"{weights} does not fit config.model {model.to_dict()}: "
                          f"{len(mismatched)} tensors differ (first: {mismatched[0]})")
-    save_file(given, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    files.write_safetensors(path, given, metadata={"format": "pt"})
 
 
-def write_pretrained_pipeline(folder: str) -> str:
-    """Writes the shipped pretrained world pipeline (hub layout) into ``folder``: the T5 and tokenizer
-    drawn from its seed, and the shipped UNet; returns ``folder``."""
+def write_pretrained_pipeline(folder: str, overwrite: bool = False) -> str:
+    """Writes the shipped pretrained world pipeline (hub layout) as ``folder``: the T5 and tokenizer
+    drawn from its seed, and the shipped UNet; returns ``folder``. Built beside it and renamed when
+    complete; an existing ``folder`` is replaced only if ``overwrite``."""
     config = ml_collections.ConfigDict({"seed": PRETRAINED_SEED, "model": PRETRAINED_MODEL})
-    make_pipeline(config, folder)
-    install_unet(folder, PRETRAINED_UNET, config.model)
+    with files.atomic_dir(folder, overwrite) as tmp:
+        make_pipeline(config, tmp)
+        install_unet(tmp, PRETRAINED_UNET, config.model)
     return folder
 
 
@@ -244,10 +244,7 @@ def frame_mean_error(model: Any, params: Any, scheduler: schedulers.Scheduler, c
 def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
     """Writes ``params`` under their PyTorch names as the folder's ``diffusion_pytorch_model.safetensors``."""
     state_dict = {name: value.astype(dtype) for name, value in to_torch_state_dict(model, params).items()}
-    path = os.path.join(folder, UNET_WEIGHTS)
-    save_file(state_dict, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
-    return path
+    return files.write_safetensors(os.path.join(folder, UNET_WEIGHTS), state_dict, metadata={"format": "pt"})
 
 
 def _drop_rows_after(path: str, step: int) -> None:

@@ -5,9 +5,9 @@ subfolder (``config.json`` and weights) is converted by the first entry of :data
 that accepts its config, into a folder of ``config.json`` beside orbax ``params/`` that the same
 loaders read back; the params keep their stored dtype. Subfolders without weights (tokenizer,
 scheduler, feature extractor) and ``model_index.json`` are copied as they are; model folders no
-converter accepts (a safety checker, a watermarker) are left out with a warning. Every output
-is written to ``<name>.tmp`` and renamed when complete, so an interrupted run leaves no half
-component behind.
+converter accepts (a safety checker, a watermarker) are left out with a warning, but a pipeline's
+UNet must convert. The destination is built in a hidden folder beside it and renamed when
+complete, so a failed or interrupted run leaves nothing under its name.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from vmc_jax import checkpoints, text
+from vmc_jax import checkpoints, files, text
 from vmc_jax.loading import load_unet
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ MODEL_INDEX = "model_index.json"
 # Files that make a folder a model folder (weights, or the shard indexes "*.index.json" / "*.index.fp16.json").
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".index.fp16.json", ".msgpack", ".ckpt", ".pt", ".pth",
                     ".h5")
+# Components a pipeline is converted for: one that its model_index.json lists must convert.
+REQUIRED_COMPONENTS = ("unet",)
 
 
 class UnsupportedModel(ValueError):
@@ -78,9 +80,9 @@ CONVERTERS: tuple[Converter, ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class _Step:
-    """One output of a conversion: ``write(path)`` fills ``path`` with what ``target`` will hold."""
+    """One output of a conversion: ``write(path)`` fills ``path`` with what ``dst/name`` will hold ("": ``dst``)."""
 
-    target: str
+    name: str
     write: Callable[[str], None]
     description: str
 
@@ -89,27 +91,25 @@ def convert(src: str, dst: str, overwrite: bool = False) -> list[str]:
     """Converts a hub pipeline folder (or one model folder) ``src`` into ``dst``; returns the paths written.
 
     For a pipeline, ``dst`` gets one entry per component and ``model_index.json``; for a model
-    folder, ``dst`` is the converted folder itself. Existing non-empty outputs are refused unless
-    ``overwrite``, and every target is checked before anything is written.
+    folder, ``dst`` is the converted folder itself. An existing ``dst`` (other than an empty
+    folder) is refused unless ``overwrite``, which replaces it whole once the new one is complete.
     """
     if not os.path.exists(src):
         raise FileNotFoundError(f"SRC not found: {src!r}")
     if os.path.isfile(os.path.join(src, MODEL_INDEX)):
         steps = _pipeline_steps(src, dst)
     elif os.path.isfile(os.path.join(src, checkpoints.CONFIG_FILE)) and _has_weights(src):
-        steps = [_model_step(src, dst, os.path.basename(os.path.normpath(src)))]
+        steps = [_model_step(src, "", dst)]
     else:
         raise ValueError(
             f"{src!r} is neither a pipeline folder (no {MODEL_INDEX}) nor a model folder "
             f"({checkpoints.CONFIG_FILE} beside weights files)"
         )
-    for step in steps:
-        if _is_nonempty(step.target) and not overwrite:
-            raise FileExistsError(f"{step.target} already exists; pass overwrite=True (--overwrite) to replace it")
-    for step in tqdm(steps, desc="convert", unit="component", disable=None):
-        _write_atomically(step.target, step.write)
-        logger.info("%s", step.description)
-    return [step.target for step in steps]
+    with files.atomic_dir(dst, overwrite) as tmp:
+        for step in tqdm(steps, desc="convert", unit="component", disable=None):
+            step.write(os.path.join(tmp, step.name) if step.name else tmp)
+            logger.info("%s", step.description)
+    return [os.path.join(dst, step.name) if step.name else dst for step in steps]
 
 
 def converter_for(folder: str) -> Converter:
@@ -134,51 +134,42 @@ def _pipeline_steps(src: str, dst: str) -> list[_Step]:
             index = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{index_path}: not valid JSON ({e})") from e
-    steps = [_Step(os.path.join(dst, MODEL_INDEX), lambda tmp: shutil.copyfile(index_path, tmp),
+    steps = [_Step(MODEL_INDEX, lambda path: shutil.copyfile(index_path, path),
                    f"{MODEL_INDEX}: copied to {os.path.join(dst, MODEL_INDEX)}")]
     # components are listed as name: [library, class]; [null, null] marks an absent optional one
     names = [k for k, v in sorted(index.items()) if not k.startswith("_") and isinstance(v, list) and any(v)]
     for name in names:
         folder, target = os.path.join(src, name), os.path.join(dst, name)
         if not os.path.isdir(folder):
-            logger.warning("skipping %s: %s lists it but there is no folder %s", name, MODEL_INDEX, folder)
+            _skip(name, f"{index_path} lists it but there is no folder {folder}")
         elif not _has_weights(folder):
-            steps.append(_Step(target, lambda tmp, folder=folder: shutil.copytree(folder, tmp),
-                               f"{name}: copied to {target}"))
+            if name in REQUIRED_COMPONENTS:
+                _skip(name, f"{folder} has no weights file ({', '.join('*' + s for s in _WEIGHT_SUFFIXES)})")
+            else:
+                steps.append(_Step(name, lambda path, folder=folder: shutil.copytree(folder, path),
+                                   f"{name}: copied to {target}"))
         else:
             try:
-                steps.append(_model_step(folder, target, name))
+                steps.append(_model_step(folder, name, target))
             except UnsupportedModel as e:
-                logger.warning("skipping %s (vmc_jax has no converter for it): %s", name, e)
+                _skip(name, f"vmc_jax has no converter for it: {e}")
     return steps
 
 
-def _model_step(folder: str, target: str, name: str) -> _Step:
+def _skip(name: str, reason: str) -> None:
+    """Leaves the component ``name`` out with a warning; a required one (the UNet) is an error instead."""
+    if name in REQUIRED_COMPONENTS:
+        raise ValueError(f"cannot convert the pipeline's {name}: {reason}")
+    logger.warning("skipping %s: %s", name, reason)
+
+
+def _model_step(folder: str, name: str, target: str) -> _Step:
+    """Converts the model folder ``folder`` into ``dst/name`` (``name`` "": ``dst`` itself), that is ``target``."""
     converter = converter_for(folder)
-    return _Step(target, lambda tmp: converter(folder, tmp),
-                 f"{name}: converted {converter.kind} {folder} to {target}")
+    return _Step(name, lambda path: converter(folder, path),
+                 f"{name or os.path.basename(os.path.normpath(folder))}: converted {converter.kind} {folder} "
+                 f"to {target}")
 
 
 def _has_weights(folder: str) -> bool:
-    return any(entry.endswith(_WEIGHT_SUFFIXES) for entry in os.listdir(folder))
-
-
-def _is_nonempty(path: str) -> bool:
-    return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
-
-
-def _write_atomically(target: str, write: Callable[[str], None]) -> None:
-    """Writes ``target`` through ``write(target + ".tmp")`` and a rename, replacing what was there."""
-    tmp = target + ".tmp"
-    _remove(tmp)  # left by an interrupted run
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    write(tmp)
-    _remove(target)
-    os.replace(tmp, target)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
+    return any(entry.endswith(_WEIGHT_SUFFIXES) and not entry.startswith(".") for entry in os.listdir(folder))
