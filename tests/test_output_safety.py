@@ -162,7 +162,8 @@ def world_job(tmp_path):
         data.save_video(clip.video * 2 - 1, str(folder / "0_x.gif"))
         # one sample listed under two spellings of its name
         (folder / generate.SAMPLES_INDEX).write_text(json.dumps({"0_x.gif": prompt, "./0_x.gif": prompt}))
-    return ml_collections.ConfigDict({"prompt": prompt, "video": video}), str(job)
+    frames = {"num_frames": 4, "stride": 1, "start": 0, "reverse": False}
+    return ml_collections.ConfigDict({"prompt": prompt, "video": video, "data": frames}), str(job)
 
 
 def test_evaluate_writes_beside_the_newest_step_and_counts_each_sample_once(tmp_path):
