@@ -14,13 +14,17 @@
     vmc-jax train ... --multihost                 on a TPU VM slice, where JAX finds the other hosts
 
 A user error prints one line ``vmc-jax: error: ...`` and exits with 2 (``--verbose`` adds the
-traceback); a run that diverges exits with 1.
+traceback); a run that diverges exits with 1. SIGTERM or SIGINT stops `train` after its current step
+with a checkpoint, prints one line (where it stopped, the command that resumes) and exits with 3; a
+second signal ends it at once (a shell reports 130 for SIGINT, 143 for SIGTERM). Ctrl-C in another
+command prints one line and exits with 130.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -151,7 +155,7 @@ def _dispatch(command: str, args: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from vmc_jax.errors import JobError, TrainingDiverged
+    from vmc_jax.errors import JobError, TrainingDiverged, TrainingStopped
 
     if not _VERBOSE.value:
         _quiet_logs()
@@ -166,6 +170,12 @@ def main(argv: list[str]) -> None:
             _joined_job = parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                               auto=_MULTIHOST.value)
         _dispatch(argv[1], argv[2:])
+    except TrainingStopped as e:
+        from vmc_jax import preemption
+
+        preemption.exit_stopped(e, "vmc-jax", ["vmc-jax"])
+    except KeyboardInterrupt:  # Ctrl-C before `train` handles it, or in another command: one line
+        _fail("interrupted", 128 + signal.SIGINT)
     except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:
         if _VERBOSE.value:
             traceback.print_exc()
