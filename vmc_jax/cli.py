@@ -174,8 +174,6 @@ def main(argv: list[str]) -> None:
         from vmc_jax import preemption
 
         preemption.exit_stopped(e, "vmc-jax", ["vmc-jax"])
-    except KeyboardInterrupt:  # Ctrl-C before `train` handles it, or in another command: one line
-        _fail("interrupted", 128 + signal.SIGINT)
     except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:
         if _VERBOSE.value:
             traceback.print_exc()
@@ -190,7 +188,10 @@ def run() -> None:
     from vmc_jax.xla_cpu import apply_cpu_flags
 
     apply_cpu_flags()  # before JAX starts its CPU backend
-    app.run(main, argv=sys.argv, flags_parser=_parse_flags)
+    try:
+        app.run(main, argv=sys.argv, flags_parser=_parse_flags)
+    except KeyboardInterrupt:  # Ctrl-C before `train` handles it, or in another command: one line
+        _fail("interrupted", 128 + signal.SIGINT)
 
 
 if __name__ == "__main__":
