@@ -145,10 +145,10 @@ def train_command(pretrained: str, job: str) -> list[str]:
             "--config.train.checkpoint_every=3", "--config.train.batch_size=4", "--config.validation.every=0"]
 
 
-def default_sigint() -> None:
-    """SIGINT as a terminal's foreground job has it, whoever started the tests (a script's background
-    jobs have it ignored, and a run keeps an ignored signal ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs ``argv[1:]`` with SIGINT as a terminal's foreground job has it, whoever started the tests (a
+# script's background jobs have it ignored, and a run keeps an ignored signal ignored).
+DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 class Run:
@@ -157,8 +157,8 @@ class Run:
     def __init__(self, command: list[str], log: str, env: dict[str, str]):
         self.log = log
         with open(log, "w") as err:
-            self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
-                                            preexec_fn=default_sigint)
+            self.process = subprocess.Popen([sys.executable, "-c", DEFAULT_SIGINT, *command], env=env, cwd=REPO,
+                                            stdout=subprocess.DEVNULL, stderr=err)
 
     def stderr(self) -> str:
         with open(self.log, encoding="utf-8") as f:
