@@ -7,7 +7,8 @@
 #   e.g. scripts/local_multihost.sh 2 train --config configs/vmc.py:tiny --workdir workdirs/tiny/mh
 #
 # Each process logs to $LOGDIR/process_<i>.log (default: a new temporary folder); the script
-# exits non-zero if any process fails. Every process runs in a process group of its own, and
+# exits 1 if any process fails, and 3 if they stopped on a signal with their checkpoint (vmc-jax's
+# exit 3: the processes agree on the step, so the others are left to finish theirs). Every process runs in a process group of its own, and
 # whenever the script ends (a process failed, Ctrl-C, SIGTERM, any exit) it stops all of them
 # and their children: SIGTERM to each group, then SIGKILL to what is left after GRACE seconds
 # (default 10).
@@ -49,7 +50,11 @@ done
 
 status=0
 for _ in "${pids[@]}"; do
-  if ! wait -n; then  # one process failed: the others would wait on it, stop them
+  code=0
+  wait -n || code=$?
+  if ((code == 3)); then  # stopped by a signal after writing its checkpoint
+    status=3
+  elif ((code)); then  # one process failed: the others would wait on it, stop them
     status=1
     stop_all
     break

@@ -144,7 +144,6 @@ def test_a_background_far_from_every_name_is_none(rgb):
 
 
 def test_an_object_colour_between_names_is_none():
-    prompt = world.prompt_for("red", "square", "snow")
     clip = render()
     red = np.array(world.COLOURS["red"], np.float32)
     grey = np.where(np.all(np.isclose(clip, red), -1, keepdims=True), np.float32(0.45), clip)

@@ -107,3 +107,18 @@ def test_local_multihost_stops_every_process_it_started(tmp_path):
     alive = [pid for pid in started if os.path.exists(f"/proc/{pid}") and
              open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
     assert not alive, alive
+
+
+@pytest.mark.skipif(not shutil.which("setsid"), reason="needs util-linux setsid")
+def test_local_multihost_lets_processes_that_stopped_with_a_checkpoint_finish(tmp_path):
+    """A process's exit 3 (stopped by a signal, checkpoint written) is no failure: the other process is
+    not killed while it finishes its own checkpoint, and the script exits 3."""
+    (tmp_path / "vmc-jax").write_text("#!/usr/bin/env bash\n"
+                                      'case "$*" in *--process_id=0*) exit 3;; esac\n'
+                                      'sleep 1; echo finished > "$LOGDIR/late"; exit 3\n')
+    (tmp_path / "vmc-jax").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "LOGDIR": str(tmp_path / "logs")}
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "local_multihost.sh"), "2", "train"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert (tmp_path / "logs" / "late").read_text() == "finished\n"

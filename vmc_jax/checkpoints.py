@@ -94,6 +94,14 @@ def _quiet_async_errors() -> Iterator[None]:
         logger.setLevel(level)
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+    """orbax's manager, which leaves JAX's preemption sync point to the training loop: the loop
+    counts its own steps there (`vmc_jax.preemption`), and a query with another count would move it."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class TrainCheckpoints:
     """The train state every N steps in ``directory/<step>``, the newest few kept (orbax).
 
@@ -106,8 +114,8 @@ class TrainCheckpoints:
         self.directory = os.path.abspath(directory)
         self.strict = strict
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_handlers=ocp.StandardCheckpointHandler())
+        self.manager = _CheckpointManager(self.directory, options=options,
+                                          item_handlers=ocp.StandardCheckpointHandler())
         self._writing: int | None = None  # the step being written in the background
 
     def latest_step(self) -> int | None:

@@ -16,7 +16,10 @@
 
 A user error prints one line ``vmc-jax: error: ...`` (its detail, if any, on a second) and exits
 with 2 (``--verbose`` adds the traceback); a run that diverges exits with 1. No command replaces an
-existing output unless ``--overwrite``; a refused command writes nothing.
+existing output unless ``--overwrite``; a refused command writes nothing. SIGTERM or SIGINT stops
+`train` after its current step with a checkpoint, prints one line (where it stopped, the command that
+resumes) and exits with 3; a second signal ends it at once (a shell reports 130 for SIGINT, 143 for
+SIGTERM). Ctrl-C in another command prints one line and exits with 130.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -210,7 +214,7 @@ def _dispatch(command: str, args: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from vmc_jax.errors import JobError, TrainingDiverged
+    from vmc_jax.errors import JobError, TrainingDiverged, TrainingStopped
 
     if not _VERBOSE.value:
         _quiet_logs()
@@ -226,6 +230,10 @@ def main(argv: list[str]) -> None:
                                               auto=_MULTIHOST.value, join_timeout_s=_JOIN_TIMEOUT.value,
                                               heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
         _dispatch(argv[1], argv[2:])
+    except TrainingStopped as e:
+        from vmc_jax import preemption
+
+        preemption.exit_stopped(e, "vmc-jax", ["vmc-jax"])
     except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:
         if _VERBOSE.value:
             traceback.print_exc()
@@ -236,7 +244,10 @@ def run() -> None:
     """Console entry point."""
     if "--verbose" not in sys.argv:
         _quiet_logs()  # before JAX, transformers and orbax are imported
-    app.run(main, argv=sys.argv, flags_parser=_parse_flags)
+    try:
+        app.run(main, argv=sys.argv, flags_parser=_parse_flags)
+    except KeyboardInterrupt:  # Ctrl-C before `train` handles it, or in another command: one line
+        _fail("interrupted", 128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -7,3 +7,7 @@ class JobError(Exception):
 
 class TrainingDiverged(Exception):
     """The loss or the gradients became non-finite; the run stops (exit code 1) with no such checkpoint."""
+
+
+class TrainingStopped(Exception):
+    """A signal (SIGTERM, SIGINT) stopped the run after a step and its checkpoint; exit code 3, rerun to resume."""

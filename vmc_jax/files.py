@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
@@ -115,6 +116,16 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: dict[str,
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(content)
     return path
+
+
+def drop_log_rows_after(path: str, step: int) -> None:
+    """Keeps the rows of the JSON-lines log ``path`` up to ``step``, the checkpoint a run resumes from (it
+    logs the later steps again), and drops a last line that a process killed while writing it left unfinished."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = [line for line in f if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(rows))
 
 
 def refuse_existing(path: str, overwrite: bool) -> None:

@@ -4,7 +4,9 @@ validate, checkpoint.
 ``train_and_evaluate(config, workdir)`` is what ``vmc-jax train`` runs. A killed run started
 again with the same workdir resumes from its last readable checkpoint and ends bit-identical to
 an uninterrupted one. The first non-finite step stops the run (``train.non_finite="stop"``) or
-is skipped and counted ("skip"); no checkpoint ever holds its values.
+is skipped and counted ("skip"); no checkpoint ever holds its values. SIGTERM or SIGINT (a
+preempted VM, a scheduler, Ctrl-C) stops it after the current step with a checkpoint, on every
+process of a job at the same step (`vmc_jax.preemption`).
 
 The step runs under ``jit`` on the ``config.mesh`` devices (`vmc_jax.parallel`), on one host or
 several: every process runs this loop, feeds its own rows of the batch and writes its part of
@@ -25,7 +27,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from vmc_jax import cascade_runner, checkpoints, files, generate, job_config, parallel, prompts, training, workdir
+from vmc_jax import (cascade_runner, checkpoints, files, generate, job_config, parallel, preemption, prompts, training,
+                     workdir)
 from vmc_jax.errors import TrainingDiverged
 
 
@@ -40,10 +43,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, job_dir: str, strict: 
     """
     job_config.validate_config(config)
     os.makedirs(job_dir, exist_ok=True)
-    if not parallel.is_main_process():  # the main process holds the lock for the whole job
-        return _train(config, job_dir, strict)
-    with workdir.TrainLock(job_dir):
-        return _train(config, job_dir, strict)
+    with preemption.StopOnSignal() as signals:
+        if not parallel.is_main_process():  # the main process holds the lock for the whole job
+            return _train(config, job_dir, strict, signals)
+        with workdir.TrainLock(job_dir):
+            return _train(config, job_dir, strict, signals)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +70,8 @@ def _clip_jobs(config: ml_collections.ConfigDict, job_dir: str) -> list[_ClipJob
     return [_ClipJob(name, os.path.join(job_dir, name), one) for name, one in per_clip.items()]
 
 
-def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> training.TrainState:
+def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool,
+           signals: preemption.StopOnSignal) -> training.TrainState:
     c = config
     main = parallel.is_main_process()
     jobs = _clip_jobs(c, job_dir)
@@ -130,7 +135,7 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> tra
     if start is not None:
         logging.info("resumed from step %d", start)
     for job in jobs if main else ():
-        _truncate_metrics(workdir.metrics_path(job.folder), start or 0)
+        files.drop_log_rows_after(workdir.metrics_path(job.folder), start or 0)  # a killed run's later rows
     clip_state = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=parallel.replicated(mesh))
 
     def each_clip(state: training.TrainState) -> list[training.TrainState]:
@@ -146,7 +151,9 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> tra
             state, metrics = train_step(state, frozen, clips, text, weights)
             pending.append((step + 1, metrics))
             done = step + 1
-            if done % c.train.log_every == 0 or done == c.train.steps or done % c.train.checkpoint_every == 0:
+            stopping = signals.should_stop(done)
+            checkpointing = stopping or done % c.train.checkpoint_every == 0 or done == c.train.steps
+            if checkpointing or done % c.train.log_every == 0:
                 losses, bad = _log_metrics([workdir.metrics_path(j.folder) for j in jobs] if main else None,
                                            pending, schedule, stacked)
                 skipped += bad
@@ -160,9 +167,11 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool) -> tra
                         f"step {skipped[0]}: the loss or the gradients are not finite (config.train.lr={c.train.lr}); "
                         f"stopped, last checkpoint: step {stores[0].latest_step()}. Lower the learning rate, or set "
                         "config.train.non_finite=skip to skip such steps")
-            if done % c.train.checkpoint_every == 0 or done == c.train.steps:
+            if checkpointing:
                 for store, one in zip(stores, each_clip(state)):
                     store.save(done, one)
+            if stopping:  # before this step's validation: a preempted machine has seconds left
+                raise signals.stopped(done, c.train.steps, job_dir)
             if c.validation.every and (done % c.validation.every == 0 or done == c.train.steps):
                 for job, video, one in zip(jobs, videos, each_clip(state)):
                     _validate(job, video, model, training.merge_params(one.tuned, frozen), scheduler, texts, stages,
@@ -226,11 +235,3 @@ def _log_metrics(paths: list[str] | None, pending: list, schedule, stacked: bool
             f.writelines(json.dumps(row) + "\n" for row in clip_rows)
     return [clip_rows[-1]["loss"] for clip_rows in rows], non_finite
 
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drops rows a killed run logged after its last checkpoint, so a resumed log has no repeats."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    files.write_text_atomic(path, "".join(rows))

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vmc_jax import checkpoints, files, generate, prompts, schedulers, tiny_pipeline, training, world
+from vmc_jax import checkpoints, files, generate, preemption, prompts, schedulers, tiny_pipeline, training, world
+from vmc_jax.errors import TrainingStopped
 from vmc_jax.loading import load_unet, to_torch_state_dict
 
 PIPELINE = "pipeline"
@@ -139,7 +140,15 @@ def check_group_norms(model: ml_collections.ConfigDict) -> None:
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Trains (or resumes training) the world model in ``workdir``; returns the pipeline folder."""
+    """Trains (or resumes training) the world model in ``workdir``; returns the pipeline folder.
+
+    SIGTERM or SIGINT stops it after a step with a checkpoint (:class:`vmc_jax.errors.TrainingStopped`).
+    """
+    with preemption.StopOnSignal() as signals:
+        return _pretrain(config, workdir, signals)
+
+
+def _pretrain(config: ml_collections.ConfigDict, workdir: str, signals: preemption.StopOnSignal) -> str:
     t = config.train
     check_group_norms(config.model)
     if config.export_dtype not in EXPORT_DTYPES:
@@ -174,7 +183,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
     store = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"))
     resumed, run = store.restore_latest(jax.eval_shape(fresh_run, tuned))
     start = resumed or 0
-    _drop_rows_after(os.path.join(workdir, METRICS_FILE), start)  # logged by a killed run after its last checkpoint
+    files.drop_log_rows_after(os.path.join(workdir, METRICS_FILE), start)  # a killed run's later rows
     if resumed is not None:
         logging.info("resumed from step %d", start)
     else:
@@ -189,7 +198,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
         run = {"state": state, "ema": ema_update(run["ema"], state.tuned, state.step, t.ema_decay)}
         losses.append(metrics["loss"])
         done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
+        signalled = signals.should_stop(done)
+        if signalled or done % t.log_every == 0 or done == t.steps:
             loss = float(np.mean(jax.device_get(losses)))  # waits for the steps dispatched so far
             seconds = (time.perf_counter() - tick) / len(losses)  # the first row's include compiling the step
             row = {"step": done, "loss": loss, "seconds_per_step": seconds}
@@ -199,10 +209,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
             losses, tick = [], time.perf_counter()
         stop = ("train.time_budget_s=%s spent" % t.time_budget_s if time.perf_counter() > deadline
                 else "train.stop_at=%d" % t.stop_at if done == t.stop_at else None)
-        if done % t.checkpoint_every == 0 or done == t.steps or stop:
+        if done % t.checkpoint_every == 0 or done == t.steps or stop or signalled:
             store.save(done, run)
             store.wait()
             tick = time.perf_counter()  # the seconds per step leave checkpointing out
+        if signalled:  # without the export: a preempted machine has seconds left
+            raise signals.stopped(done, t.steps, workdir)
         if stop:
             logging.warning("stopped at step %d of %d (%s); run again to resume", done, t.steps, stop)
             break
@@ -247,13 +259,6 @@ def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
     return files.write_safetensors(os.path.join(folder, UNET_WEIGHTS), state_dict, metadata={"format": "pt"})
 
 
-def _drop_rows_after(path: str, step: int) -> None:
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
-        files.write_text_atomic(path, "".join(rows))
-
-
 def _append_row(path: str, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -268,6 +273,8 @@ def main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         print(pretrain(flags.FLAGS.config, flags.FLAGS.workdir))
+    except TrainingStopped as stopped:
+        preemption.exit_stopped(stopped, "world_pretraining", ["python", "-m", "vmc_jax.world_pretraining"])
     except (OSError, ValueError) as err:  # a bad config value or file: one line, exit 2 (as vmc-jax)
         print(f"world_pretraining: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
