@@ -3,7 +3,8 @@
     python -m vmc_jax.world_pretraining --config configs/world.py:16x24 --workdir workdirs/world
 
 The argument is the clip size, "<height>x<width>" (16x24 learned motion in the calibration runs of
-issue 13; 40x64 is the real keyframe size), or "test" for a seconds-long smoke run. Every field
+issue 13; 40x64 is the real keyframe size), "cpu" for the 16x24 run sized for a 2-core CPU (batch
+16, 4000 steps, resumable in ``time_budget_s`` pieces), or "test" for a seconds-long smoke run. Every field
 can be overridden with ``--config.<field>=<value>``.
 """
 
@@ -13,14 +14,14 @@ from vmc_jax import world_pretraining
 
 
 def get_config(arg: str = "16x24") -> ml_collections.ConfigDict:
-    """The pretraining config for clip size ``arg`` ("<height>x<width>") or "test"."""
+    """The pretraining config for clip size ``arg`` ("<height>x<width>"), "cpu" or "test"."""
     config = ml_collections.ConfigDict()
     config.seed = world_pretraining.PRETRAINED_SEED
-    size = "16x24" if arg == "test" else arg
+    size = "16x24" if arg in ("test", "cpu") else arg
     try:
         height, width = (int(n) for n in size.split("x"))
     except ValueError:
-        raise ValueError(f"config argument {arg!r}: expected '<height>x<width>' (e.g. 16x24) or 'test'") from None
+        raise ValueError(f"config argument {arg!r}: expected '<height>x<width>' (e.g. 16x24), 'cpu' or 'test'") from None
     config.data = ml_collections.ConfigDict(dict(num_frames=8, height=height, width=width))
 
     # Show-1 base's keyframe UNet shrunk: the same block types, fewer and narrower levels.
@@ -49,6 +50,11 @@ def get_config(arg: str = "16x24") -> ml_collections.ConfigDict:
     config.train.log_every = 200
     config.export_dtype = "float16"  # of the hub-layout UNet written at the end
 
+    if arg == "cpu":  # the same model and schedule shape, in steps a 2-core CPU takes in hours
+        config.train.steps = 4000
+        config.train.batch_size = 16
+        config.train.checkpoint_every = 100
+        config.train.log_every = 50
     if arg == "test":
         config.model.block_out_channels = [32, 32, 32]
         config.train.steps = 4
