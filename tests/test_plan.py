@@ -89,3 +89,17 @@ def test_tpu_topology_compiles_the_tiny_train_step(tiny_hub, fast_compile):
     planned = plan.measure(plan.keyframe_programs(config, mesh)[0], target)
     assert planned.fits and planned.flops > 0 and planned.estimated_s > 0
     assert json.loads(json.dumps(planned.as_json()))["hbm_bytes"] == 16 * plan.GiB
+
+
+def test_attention_auto_resolves_for_the_backend_being_planned(monkeypatch):
+    from vmc_jax.models import attention_core
+
+    seen = []
+    resolve = attention_core.resolve_implementation
+    monkeypatch.setattr(attention_core, "resolve_implementation",
+                        lambda *a, **kw: seen.append((kw["backend"], kw["devices"])) or resolve(*a, **kw))
+    q = jax.numpy.zeros((1, 8, 2, 4))
+    with attention_core.tracing_for("tpu", 4):
+        jax.eval_shape(lambda: attention_core.dot_product_attention(q, q, q, scale=0.5, implementation="xla"))
+    attention_core.dot_product_attention(q, q, q, scale=0.5, implementation="xla")
+    assert seen == [("tpu", 4), (jax.default_backend(), jax.device_count())]
