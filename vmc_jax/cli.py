@@ -138,8 +138,9 @@ def _dispatch(command: str, args: list[str]) -> None:
             print(f"{name:16} {'-' if value is None else round(value, 3)}")
         print(f"per clip, with side-by-side gifs: {os.path.dirname(result['clips'][0]['gif'])}")
     elif command == "plan":
-        from vmc_jax.plan import plan_command
+        from vmc_jax.plan import plan_command, request_cpu_devices
 
+        request_cpu_devices(_require(_TARGET, "target"))
         if _CONFIG.value is None:
             raise app.UsageError("--config is required")
         plan_command(_CONFIG.value, _require(_TARGET, "target"), _JSON.value, _STAGES.value, _ALL_VARIANTS.value)

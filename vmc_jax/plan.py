@@ -96,7 +96,8 @@ def parse_target(spec: str) -> Target:
             available = []
         if len(available) < count:
             raise ValueError(f"--target={spec}: this process has {len(available)} {kind} devices"
-                             + (" (set XLA_FLAGS=--xla_force_host_platform_device_count=N)" if kind == "cpu" else ""))
+                             + (" (its CPU backend had started; plan cpu:N from a fresh `vmc-jax plan`)"
+                                if kind == "cpu" else ""))
         devices = available[:count]
         if kind == "cpu":
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the host's, shared by its devices
@@ -107,6 +108,13 @@ def parse_target(spec: str) -> Target:
                              f"(known: {', '.join(CHIPS[k].name for k in _GPU_KINDS.values())})")
         return Target(spec, "gpu", devices, CHIPS[name], CHIPS[name].hbm_bytes, 1.0)
     raise ValueError(f"--target={spec}: expected v5e:TOPOLOGY, v4:TOPOLOGY, v5p:TOPOLOGY, cpu:N or gpu:N")
+
+
+def request_cpu_devices(spec: str) -> None:
+    """Before JAX starts its CPU backend (the `vmc-jax plan` command): as many CPU devices as ``spec`` (cpu:N) plans for."""
+    kind, _, count = spec.partition(":")
+    if kind == "cpu" and count.isdigit() and int(count) > 0:
+        jax.config.update("jax_num_cpu_devices", int(count))
 
 
 @dataclasses.dataclass
@@ -173,7 +181,7 @@ def model_folder(path: str) -> str:
     real = os.path.join(REAL_CONFIGS, os.path.basename(os.path.normpath(path)))
     if not os.path.isfile(os.path.join(real, "unet", "config.json")):
         raise ValueError(f"{path}: no unet/config.json there nor in {real} (give a pipeline folder or one of "
-                         f"{sorted(os.listdir(REAL_CONFIGS))})")
+                         f"{sorted(d for d in os.listdir(REAL_CONFIGS) if os.path.isdir(os.path.join(REAL_CONFIGS, d)))})")
     return real
 
 
