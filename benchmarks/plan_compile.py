@@ -1,7 +1,7 @@
 """Compile time per program of a job for a target (`vmc_jax.plan`), one compile at a time, as JSON.
 
     PYTHONPATH=. python benchmarks/plan_compile.py --config configs/vmc.py:car_forest --target v5e:2x2 \\
-        --stages keyframes --out benchmarks/plan_compile_v5e.json
+        --stages train,keyframes --out benchmarks/plan_compile_v5e.json
 
 TPU targets need libtpu (`pip install -e ".[tpu]"`). The config's model folders may be missing:
 their real configs (configs/models) are used. Each row also carries the plan's memory and cost.

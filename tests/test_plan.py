@@ -26,7 +26,7 @@ def train_plan(tiny_hub, fast_compile):
     config = tiny_config(tiny_hub)
     target = plan.parse_target("cpu:4")
     mesh = parallel.make_mesh(config.mesh, devices=target.devices)
-    step = plan.keyframe_programs(config, mesh)[0]
+    step = plan.train_programs(config, mesh)[0]
     return config, target, plan.measure(step, target)
 
 
@@ -86,7 +86,7 @@ def test_tpu_topology_compiles_the_tiny_train_step(tiny_hub, fast_compile):
     config = tiny_config(tiny_hub)
     target = plan.parse_target("v5e:2x2")
     mesh = parallel.make_mesh(config.mesh, devices=target.devices)
-    planned = plan.measure(plan.keyframe_programs(config, mesh)[0], target)
+    planned = plan.measure(plan.train_programs(config, mesh)[0], target)
     assert planned.fits and planned.flops > 0 and planned.estimated_s > 0
     assert json.loads(json.dumps(planned.as_json()))["hbm_bytes"] == 16 * plan.GiB
 

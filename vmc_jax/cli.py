@@ -10,7 +10,7 @@
     vmc-jax world-pipeline DST                    write the pretrained moving-shapes world pipeline (hub format)
     vmc-jax evaluate --workdir W                  motion and appearance of W's newest `generate` samples
                                                   (moving-shapes world clips and prompts)
-    vmc-jax plan --config configs/vmc.py[:clip] --target=v5e:2x2 [--json=F] [--stages=keyframes,cascade]
+    vmc-jax plan --config configs/vmc.py[:clip] --target=v5e:2x2 [--json=F] [--stages=train,keyframes,cascade]
         [--all_variants]                          compile the job's programs for a TPU slice / GPUs / CPUs:
                                                   memory per chip, FLOPs, roofline time (refuses what does not fit)
     vmc-jax train ... --coordinator=HOST:PORT --num_processes=N --process_id=I   one of N processes

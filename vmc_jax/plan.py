@@ -34,7 +34,7 @@ from vmc_jax.weights import abstract_params, model_config
 
 REAL_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 GiB = 2**30
-PLAN_STAGES = ("keyframes", "cascade")  # the tuning job's programs; the pixel stages after it
+PLAN_STAGES = ("train", "keyframes", "cascade")  # the train step; inversion and sampling; the pixel stages after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,47 +201,54 @@ def _scheduler(folder: str, part: str, default: dict) -> schedulers.Scheduler:
     return schedulers.from_config(path) if os.path.isdir(path) else schedulers.from_config(default)
 
 
-def keyframe_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                      variants: list[tuple[str, bool]] | None = None) -> list[Program]:
-    """The tuning job's programs: the train step (per ``(compute_dtype, remat)`` variant; the config's by
-    default), one step of the DDIM inversion loop and one of guided keyframe sampling."""
+def _keyframe_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, dtype_name: str, remat: bool):
+    """(module, abstract params, scheduler, abstract text states) of the job's keyframe UNet."""
+    folder = model_folder(config.pretrained)
+    model, params = _unet(folder, dtype=job_config.COMPUTE_DTYPES[dtype_name], remat=remat)
+    width = model.config.encoder_hid_dim or model.config.cross_attention_dim[0]
+    text = jax.ShapeDtypeStruct((1, 77, width), jnp.float32, sharding=parallel.replicated(mesh))
+    return model, params, _scheduler(folder, "scheduler", tiny_pipeline.SCHEDULER_CONFIG), text
+
+
+def train_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   variants: list[tuple[str, bool]] | None = None) -> list[Program]:
+    """The train step as train.py places it, per ``(compute_dtype, remat)`` variant (None: the config's)."""
     c = config
-    folder = model_folder(c.pretrained)
-    scheduler = _scheduler(folder, "scheduler", tiny_pipeline.SCHEDULER_CONFIG)
-    replicated = parallel.replicated(mesh)
-    text_len, text_dim = 77, None
+    replicated, rows = parallel.replicated(mesh), parallel.sharded(mesh, "data")
     programs = []
     for dtype_name, remat in variants or [(c.train.compute_dtype, c.train.remat)]:
-        model, params = _unet(folder, dtype=job_config.COMPUTE_DTYPES[dtype_name], remat=remat)
-        text_dim = model.config.encoder_hid_dim or model.config.cross_attention_dim[0]
+        model, params, scheduler, text = _keyframe_model(c, mesh, dtype_name, remat)
         tuned, frozen = training.split_params(params, c.train.tuned_params)
         optimizer = training.make_optimizer(training.lr_schedule(c.train.lr, c.train.lr_schedule, c.train.steps,
                                                                  c.train.warmup_steps))
         state = jax.eval_shape(lambda t: training.TrainState.create(t, optimizer, jax.random.PRNGKey(0)), tuned)
         batch = parallel.padded_size(c.train.batch_size, mesh.shape["data"])
         clips = jax.ShapeDtypeStruct((batch, c.data.num_frames, c.data.height, c.data.width, model.config.in_channels),
-                                     jnp.float32, sharding=parallel.sharded(mesh, "data"))
-        text = jax.ShapeDtypeStruct((1, text_len, text_dim), jnp.float32, sharding=replicated)
-        weights = None if batch == c.train.batch_size else jax.ShapeDtypeStruct(
-            (batch,), jnp.float32, sharding=parallel.sharded(mesh, "data"))
+                                     jnp.float32, sharding=rows)
+        weights = None if batch == c.train.batch_size else jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=rows)
         step = training.make_train_step(model, scheduler, optimizer, c.train.loss)
         programs.append(Program(f"train_step[{dtype_name},remat={'on' if remat else 'off'}]", step,
                                 (_abstract(state, replicated), _abstract(frozen, replicated), clips, text, weights),
                                 {}, c.train.steps))
-    model, params = _unet(folder, dtype=job_config.COMPUTE_DTYPES[c.train.compute_dtype], remat=c.train.remat)
+    return programs
+
+
+def keyframe_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[Program]:
+    """One step of the DDIM inversion loop and one of guided keyframe sampling (the validation's programs)."""
+    c = config
+    replicated = parallel.replicated(mesh)
+    model, params, scheduler, text = _keyframe_model(c, mesh, c.train.compute_dtype, c.train.remat)
     params = _abstract(params, replicated)
     clip = jax.ShapeDtypeStruct((1, c.data.num_frames, c.data.height, c.data.width, model.config.in_channels),
                                 jnp.float32, sharding=replicated)
-    text = jax.ShapeDtypeStruct((1, text_len, text_dim), jnp.float32, sharding=replicated)
     inv_scheduler = generate.inversion_scheduler(scheduler, c.inversion.method, c.inversion.scheduler)
     invert_args = (model, inv_scheduler, 1, c.inversion.method, False, params, clip, text)
-    programs.append(Program("inversion_step", inversion._invert_jit, invert_args, {},  # ddim_invert's compiled loop
-                            c.inversion.steps))
     sample = jax.jit(generate.sample_keyframes, static_argnums=(0, 2, 6, 7))
-    programs.append(Program("keyframe_sampling_step", sample,
-                            (model, params, scheduler, clip, text, text, 1, c.sampling.guidance,
-                             jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)), {}, c.sampling.steps))
-    return programs
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    return [Program("inversion_step", inversion._invert_jit, invert_args, {},  # ddim_invert's compiled loop
+                    c.inversion.steps),
+            Program("keyframe_sampling_step", sample, (model, params, scheduler, clip, text, text, 1,
+                                                       c.sampling.guidance, key), {}, c.sampling.steps)]
 
 
 def cascade_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[Program]:
@@ -291,9 +298,10 @@ def cascade_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
 def plan_job(config: ml_collections.ConfigDict, target: Target, stages: tuple[str, ...] = PLAN_STAGES,
              variants: list[tuple[str, bool]] | None = None,
              report: Callable[[ProgramPlan], None] | None = None) -> list[ProgramPlan]:
-    """Compiles the job's programs (``stages``: "keyframes", "cascade") for ``target``, one at a time."""
+    """Compiles the job's programs (``stages``, some of PLAN_STAGES) for ``target``, one at a time."""
     mesh = parallel.make_mesh(config.mesh, devices=target.devices)
-    programs = keyframe_programs(config, mesh, variants) if "keyframes" in stages else []
+    programs = train_programs(config, mesh, variants) if "train" in stages else []
+    programs += keyframe_programs(config, mesh) if "keyframes" in stages else []
     programs += cascade_programs(config, mesh) if "cascade" in stages else []
     plans = []
     for program in programs:
