@@ -24,9 +24,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from vmc_jax import cascade, generate, inversion, job_config, parallel, sampling, schedulers, tiny_pipeline, training
+from vmc_jax import cascade, generate, inversion, job_config, parallel, schedulers, tiny_pipeline, training
 from vmc_jax.errors import JobError
 from vmc_jax.loading import build_unet
 from vmc_jax.models import attention_core
@@ -185,8 +184,9 @@ def model_folder(path: str) -> str:
     return real
 
 
-def _abstract(tree: Any, sharding: jax.sharding.Sharding, dtype: Any = None) -> Any:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding), tree)
+def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """``tree``'s shapes and dtypes as arguments placed with ``sharding`` (nothing allocated)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 def _unet(folder: str, **module_options) -> tuple[Any, Any]:
