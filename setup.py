@@ -32,6 +32,8 @@ setup(
     extras_require={
         # torch and diffusers are only the references the parity tests compare against.
         "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.30"],
+        # libtpu: `vmc-jax plan --target=v5e:2x2` compiles for TPU topologies on any host (and runs on TPU VMs).
+        "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={"console_scripts": ["vmc-jax=vmc_jax.cli:run"]},
 )

@@ -10,6 +10,9 @@
     vmc-jax world-pipeline DST [--overwrite]      write the pretrained moving-shapes world pipeline (hub format)
     vmc-jax evaluate --workdir W [--overwrite]    motion and appearance of W's newest `generate` samples
                                                   (moving-shapes world clips and prompts)
+    vmc-jax plan --config configs/vmc.py[:clip] --target=v5e:2x2 [--json=F] [--stages=train,keyframes,cascade]
+        [--all_variants]                          compile the job's programs for a TPU slice / GPUs / CPUs:
+                                                  memory per chip, FLOPs, roofline time (refuses what does not fit)
     vmc-jax train ... --coordinator=HOST:PORT --num_processes=N --process_id=I   one of N processes
         [--join_timeout=300] [--heartbeat_timeout=30]   seconds; then the job stops with one line (exit 1)
     vmc-jax train ... --multihost                 on a TPU VM slice, where JAX finds the other hosts
@@ -51,12 +54,15 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error,
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-process job: HOST:PORT of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job: how many processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process job: this process's index.")
+_TARGET = flags.DEFINE_string("target", None, "`plan`: v5e:2x2, v4:2x2x1, v5p:2x2x1 (TPU topologies), cpu:N, gpu:N.")
+_JSON = flags.DEFINE_string("json", None, "`plan`: also write the table as JSON to this file.")
+_ALL_VARIANTS = flags.DEFINE_bool("all_variants", False, "`plan`: the train step in bf16 and fp32, remat on and off.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join the multi-process job JAX discovers (TPU VM slices).")
 _JOIN_TIMEOUT = flags.DEFINE_float("join_timeout", 300, "Multi-process job: seconds for all processes to join.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_float("heartbeat_timeout", 30, "Multi-process job: seconds of silence after "
                                         "which a peer counts as gone and the job stops.")
 
-COMMANDS = ("convert", "tiny-pipeline", "world-pipeline", "train", "generate", "export", "evaluate")
+COMMANDS = ("convert", "tiny-pipeline", "world-pipeline", "train", "generate", "export", "evaluate", "plan")
 _joined_job = False  # whether this process is one of a multi-process job
 USER_ERROR, RUN_FAILED = 2, 1
 
@@ -194,6 +200,13 @@ def _dispatch(command: str, args: list[str]) -> None:
         for name, value in result["summary"].items():
             print(f"{name:16} {'-' if value is None else round(value, 3)}")
         print(f"per clip, with side-by-side gifs: {folder}")
+    elif command == "plan":
+        from vmc_jax.plan import plan_command, request_cpu_devices
+
+        request_cpu_devices(_require(_TARGET, "target"))
+        if _CONFIG.value is None:
+            raise app.UsageError("--config is required")
+        plan_command(_CONFIG.value, _require(_TARGET, "target"), _JSON.value, _STAGES.value, _ALL_VARIANTS.value)
     elif command == "train":
         from vmc_jax.train import train_and_evaluate
 

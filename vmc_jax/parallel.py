@@ -78,11 +78,13 @@ def axis_sizes(sizes: Mapping[str, int], num_devices: int | None = None) -> tupl
     return tuple(resolved)
 
 
-def make_mesh(sizes: Mapping[str, int] | None = None) -> Mesh:
-    """The ("clips", "data") mesh over all devices of the job; default: every device on "data"."""
-    xla_cpu.check_devices(jax.local_devices())
+def make_mesh(sizes: Mapping[str, int] | None = None, devices: list | None = None) -> Mesh:
+    """The ("clips", "data") mesh over all devices of the job (or ``devices``, e.g. a TPU topology's
+    that `vmc_jax.plan` compiles for); default: every device on "data"."""
+    xla_cpu.check_devices(jax.local_devices() if devices is None else devices)
+    shape = axis_sizes(sizes or {"data": -1}, None if devices is None else len(devices))
     # Auto axes: XLA propagates the shardings of the inputs through the model (no annotations in it).
-    return jax.make_mesh(axis_sizes(sizes or {"data": -1}), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

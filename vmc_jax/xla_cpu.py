@@ -91,6 +91,15 @@ def apply_at_import() -> bool:
     return apply_cpu_flags()
 
 
+def withdraw_cpu_flags() -> None:
+    """Takes ``CPU_FLAGS`` back out of ``XLA_FLAGS`` if they were set here: for a process that will make
+    several CPU devices after importing vmc_jax (``vmc-jax plan --target=cpu:N``), before its backend starts."""
+    global _set_here
+    if _set_here:
+        os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in CPU_FLAGS)
+        _set_here = False
+
+
 def check_devices(devices: Sequence) -> None:
     """Refuses several CPU devices in a process whose XLA_FLAGS got ``CPU_FLAGS`` here (see above)."""
     cpu = [d for d in devices if d.platform == "cpu"]

@@ -22,6 +22,7 @@ A kernel that cannot run on the current backend or for these inputs falls back t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -55,6 +56,19 @@ CPU_FLASH_KEYS = 16
 
 _log = logging.getLogger(__name__)
 _MASKED = float(jnp.finfo(jnp.float32).min)
+# The backend (and device count) "auto" resolves for: the process's own, unless a program is being
+# traced for other devices (`vmc_jax.plan` compiles for a TPU topology on a CPU host).
+_TRACING_FOR: list[tuple[str, int]] = []
+
+
+@contextlib.contextmanager
+def tracing_for(backend: str, devices: int):
+    """Within it, "auto" picks the kernels of ``backend`` with ``devices`` devices, not the process's."""
+    _TRACING_FOR.append((backend, devices))
+    try:
+        yield
+    finally:
+        _TRACING_FOR.pop()
 
 
 @functools.lru_cache(maxsize=None)
@@ -354,10 +368,11 @@ def dot_product_attention(
     if causal:
         not_later = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
         mask = not_later if mask is None else mask & not_later
+    backend, devices = _TRACING_FOR[-1] if _TRACING_FOR else (jax.default_backend(), jax.device_count())
     chosen = resolve_implementation(
-        implementation, backend=jax.default_backend(), q_len=query.shape[1], k_len=key.shape[1],
+        implementation, backend=backend, q_len=query.shape[1], k_len=key.shape[1],
         head_dim=query.shape[-1], dtype=query.dtype, has_bias=bias is not None, has_mask=mask is not None,
-        devices=jax.device_count())
+        devices=devices)
     if chosen == "blocked":
         return blocked_attention(query, key, value, scale)
     if chosen == "cudnn":
