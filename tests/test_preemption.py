@@ -51,6 +51,15 @@ def one_compiled_step(monkeypatch):
     return shared
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for a test, as in a terminal: a test process that a non-interactive
+    shell started in the background inherits SIGINT ignored, and StopOnSignal leaves ignored signals be."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @contextlib.contextmanager
 def signal_after_call(owner, name: str, call: int, signum: int = signal.SIGTERM):
     """Makes ``owner.name`` send this process ``signum`` right after its ``call``-th call returns."""
@@ -86,7 +95,7 @@ def assert_same_bits(a, b) -> None:
 
 
 def test_train_stops_at_each_moment_with_a_checkpoint_and_resumes_bit_identical(tiny_pipeline_flax, tmp_path,
-                                                                                 one_compiled_step):
+                                                                                 one_compiled_step, python_sigint):
     config = tiny_config(tiny_pipeline_flax, steps=STEPS)
     config.train.checkpoint_every = 3
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
