@@ -5,7 +5,10 @@ steadiness). This is the issue's bar for the pretrained model (>= 90% colour and
     python benchmarks/world_samples.py --workdir workdirs/world_samples [--prompts 24] [--guidance 4]
 
 ``--pipeline DIR`` samples another hub-layout world pipeline (e.g. a pretraining run's ``W/pipeline``)
-instead of the shipped one; ``--no-x0-clipping`` turns the scheduler's x0 clipping off.
+instead of the shipped one; ``--no-x0-clipping`` turns the scheduler's x0 clipping off. Also printed:
+the mean-colour part of the model's noise error at high noise against the noise's own
+(``world_pretraining.frame_mean_error`` on 32 seeded world clips): a model that cannot output a
+frame's mean colour keeps a ratio near 1.
 
 About 1.5 minutes on a 2-core CPU for 24 prompts at 16x24.
 """
@@ -49,9 +52,32 @@ def main(argv=None) -> None:
           f"x0 clipping {'on' if args.x0_clipping else 'off'}:")
     for name, value in result["summary"].items():
         print(f"  {name:16} {'-' if value is None else round(value, 3)}")
+    frame_mean = frame_mean_ratios(pipeline, args.workdir)
+    print("  frame-mean error / noise's, by t: " + ", ".join(f"{t}: {r:.3f}" for t, r in frame_mean.items()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), **result}, f, indent=2)
+            json.dump({"args": vars(args), **result, "frame_mean_ratio": frame_mean}, f, indent=2)
+
+
+def frame_mean_ratios(pipeline: str, workdir: str, timesteps=(300, 600, 800, 960)) -> dict[int, float]:
+    """t -> the model's frame-mean noise error over the noise's own frame-mean variance, on 32 world clips."""
+    import jax
+    import jax.numpy as jnp
+
+    from vmc_jax import prompts as prompt_cache, schedulers
+    from vmc_jax.loading import load_unet
+
+    model, params = load_unet(os.path.join(pipeline, "unet"), dtype=np.float32)
+    scheduler = schedulers.from_config(os.path.join(pipeline, "scheduler"))
+    clips, texts = world.make_batch(np.random.default_rng(7), 32, 8, 16, 24)
+    embeddings = prompt_cache.embed_prompts(pipeline, sorted(set(texts)), workdir)
+    states = jnp.stack([embeddings[t] for t in texts])
+    ratios = {}
+    for t in timesteps:
+        error, noise = world_pretraining.frame_mean_error(model, params, scheduler, jnp.asarray(clips, jnp.float32),
+                                                          states, t, jax.random.PRNGKey(t))
+        ratios[t] = error / noise
+    return ratios
 
 
 if __name__ == "__main__":
