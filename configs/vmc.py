@@ -12,8 +12,7 @@ or "tiny", the small random pipeline of the plumbing tests. Every field can be o
 
 import ml_collections
 
-from vmc_jax.cascade_runner import cascade_config
-from vmc_jax.training import TEMPORAL_ATTENTION_QKV
+from vmc_jax.jobs import config as jobs_config
 
 # clip -> (training prompt, validation prompts), as in the released configs.
 CLIPS = {
@@ -36,60 +35,12 @@ def get_config(arg: str = "car_forest") -> ml_collections.ConfigDict:
     """The config for clip ``arg`` (a key of CLIPS, or "tiny")."""
     if arg not in ("tiny", "world", "all") and arg not in CLIPS:
         raise ValueError(f"unknown clip {arg!r}; expected 'tiny', 'world', 'all' or one of {sorted(CLIPS)}")
-    config = ml_collections.ConfigDict()
-    config.pretrained = "checkpoints/show-1-base"  # a folder written by `vmc-jax convert`
-    config.video = f"videos/{arg}"  # a video file or a folder of frames
+    config = jobs_config.defaults()  # every field, its default and its meaning: vmc_jax/jobs/config.py
+    config.video = f"videos/{arg}"
     config.prompt, validation_prompts = CLIPS.get(arg, ("a red square is moving", ["a blue square is moving"]))
-    config.invariant_prompt = ""  # empty: derived from `prompt` by prompts.appearance_invariant
-    # Several clips tuned at once ("all": the five release clips), each with its own tuned weights and
-    # optimizer state, over the mesh's "clips" axis; each gets a one-clip job folder <workdir>/<name>.
-    # name -> {video, prompt, validation_prompts}; empty: the one clip of `video` and `prompt`.
-    config.clips = ml_collections.ConfigDict()
-    config.seed = 12345
-
-    config.data = ml_collections.ConfigDict(dict(num_frames=8, height=40, width=64, stride=1, start=0,
-                                                 reverse=False))
-
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = 400
-    config.train.lr = 1e-4
-    config.train.lr_schedule = "constant"
-    config.train.warmup_steps = 0
-    config.train.b1 = 0.9
-    config.train.b2 = 0.999
-    config.train.eps = 1e-8
-    config.train.weight_decay = 1e-2
-    config.train.clip_grad_norm = 1.0
-    config.train.loss = "paper"  # "paper", "official" (the released code's) or "l2"
-    config.train.batch_size = 1  # noisy copies of the clip per step, split over the mesh's data axis
-    config.train.tuned_params = TEMPORAL_ATTENTION_QKV  # a regex over "/"-joined param paths
-    config.train.remat = True
-    config.train.compute_dtype = "float32"  # or "bfloat16"
-    config.train.checkpoint_every = 100
-    config.train.log_every = 10
-    config.train.non_finite = "stop"  # a step with a non-finite loss or gradient: "stop" the run, or "skip" it
-
-    # Devices: sizes of the ("clips", "data") mesh axes, -1 for the rest (vmc_jax.parallel). The
-    # batch is split over "data" (padded with zero-weight copies when it does not divide).
-    config.mesh = ml_collections.ConfigDict(dict(clips=1, data=-1))
-
-    config.validation = ml_collections.ConfigDict()
     config.validation.prompts = validation_prompts
-    config.validation.every = 100  # 0: no validation samples
-    config.validation.stages = ["keyframes"]  # cascade stages of validation samples (see config.cascade)
-
-    config.inversion = ml_collections.ConfigDict()
-    config.inversion.steps = 75
-    config.inversion.method = "model"  # or "official": the released VMC inversion
-    config.inversion.scheduler = ""  # a scheduler config to invert on; empty: see generate.inversion_scheduler
-
-    config.sampling = ml_collections.ConfigDict()
-    config.sampling.steps = 75
-    config.sampling.guidance = 9.0
-    config.sampling.negative_prompt = ""
-    config.sampling.fps = 4.0
-
-    config.cascade = cascade_config()  # the stages after the keyframes: pipeline folders and settings
+    # config.clips: several clips tuned at once ("all": the five release clips), each with its own tuned
+    # weights and optimizer state, over the mesh's "clips" axis, in a one-clip job folder <workdir>/<name>.
 
     if arg == "tiny":
         config.pretrained = "workdirs/tiny/pipeline_flax"

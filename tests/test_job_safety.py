@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import FAST_COMPILE_ENV, REPO, tiny_config
-from vmc_jax import checkpoints, generate, job_config, text, train, workdir
+from vmc_jax import checkpoints, generate, text, train, workdir
+from vmc_jax.jobs import config as jobs_config
 from vmc_jax.conversion import read_state_dict
 from vmc_jax.errors import JobError, TrainingDiverged
 from vmc_jax.export import export_tuned
@@ -235,6 +236,7 @@ def test_a_storage_error_while_checkpointing_is_reported_once_and_briefly(tmp_pa
     ("train.non_finite", "ignore", r"config.train.non_finite='ignore' is not one of \['stop', 'skip'\]"),
     ("video", "/no/such/clip.mp4", r"config.video='/no/such/clip.mp4' does not exist"),
     ("train.lrr", 1e-3, r'config.train.lrr: unknown field; did you mean "train.lr"\?'),
+    ("attention", "flash", r"config.attention='flash' is not one of \['auto', 'xla', 'blocked'"),
 ])
 def test_bad_config_values_are_named(tiny_pipeline_flax, field, value, message):
     config = tiny_config(tiny_pipeline_flax)
@@ -242,12 +244,19 @@ def test_bad_config_values_are_named(tiny_pipeline_flax, field, value, message):
     with config.unlocked():
         setattr(config[section] if section else config, key, value)
     with pytest.raises(ValueError, match=message):
-        job_config.validate_config(config)
+        jobs_config.Job.from_config(config)
+
+
+def test_the_job_config_chooses_the_attention_core(tiny_pipeline_flax):
+    config = tiny_config(tiny_pipeline_flax)
+    config.attention = "blocked"
+    model, _, _ = generate.load_keyframe_unet(config)
+    assert model.attention_impl == "blocked"
 
 
 def test_pretrained_must_be_a_converted_pipeline(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no unet/"):
-        job_config.validate_config(tiny_config(str(tmp_path)))
+        jobs_config.Job.from_config(tiny_config(str(tmp_path)))
 
 
 def test_a_prompt_longer_than_the_encoder_reads_is_warned_about(tiny_pipeline_flax, caplog):

@@ -110,7 +110,7 @@ def _require(flag, name: str):
 
 def _unknown_config_override(argv: list[str]) -> str | None:
     """The first ``--config.<field>=`` naming no config field, with the closest field, for a one-line error."""
-    from vmc_jax.job_config import FIELDS, did_you_mean, field_check
+    from vmc_jax.jobs.config import FIELDS, did_you_mean, field_check
 
     for arg in argv:
         if arg.startswith("--config."):

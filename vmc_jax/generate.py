@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vmc_jax import (cascade_runner, checkpoints, data, files, inversion, job_config, prompts, sampling, schedulers,
+from vmc_jax import (cascade_runner, checkpoints, data, files, inversion, prompts, sampling, schedulers,
                      training, workdir)
 from vmc_jax.errors import JobError
+from vmc_jax.jobs import config as jobs_config
 from vmc_jax.loading import load_unet
 from vmc_jax.models.unet_config import UNetConfig
 from vmc_jax.schedulers import Scheduler
@@ -75,7 +76,8 @@ def inversion_scheduler(model_scheduler: Scheduler, method: str, config_path: st
 
 
 def load_keyframe_unet(config: ml_collections.ConfigDict) -> tuple[nn.Module, Any, Scheduler]:
-    """The pretrained keyframe UNet (compute dtype and remat from ``config.train``), its params and scheduler.
+    """The pretrained keyframe UNet (compute dtype and remat from ``config.train``, attention core from
+    ``config.attention``), its params and scheduler.
 
     An image UNet (2D, e.g. DeepFloyd IF) is refused before its weights are read: VMC tunes a video model.
     """
@@ -85,7 +87,8 @@ def load_keyframe_unet(config: ml_collections.ConfigDict) -> tuple[nn.Module, An
         raise ValueError(f"config.pretrained = {config.pretrained!r}: unet/ is a {unet_config.class_name}, an image "
                          "model; VMC tunes a video UNet (UNet3DConditionModel, Show-1's keyframe model)")
     model, params = load_unet(unet_dir, dtype=np.float32)
-    model = model.clone(dtype=job_config.COMPUTE_DTYPES[config.train.compute_dtype], remat=config.train.remat)
+    model = model.clone(dtype=jobs_config.COMPUTE_DTYPES[config.train.compute_dtype], remat=config.train.remat,
+                        attention_impl=config.attention)
     return model, params, schedulers.from_config(os.path.join(config.pretrained, "scheduler"))
 
 
@@ -177,7 +180,7 @@ def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_lis
     prompt_list = list(prompt_list or config.validation.prompts)
     if not prompt_list:
         raise ValueError("no prompt given (--prompt), and config.validation.prompts is empty")
-    job_config.validate_config(config)
+    jobs_config.Job.from_config(config)
     stages = cascade_runner.checked_stages(config, stages)  # before any sampling
     check_file_names(prompt_list, stages, workdir.samples_dir(job_dir, ""))
     store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict, create=False)

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vmc_jax import cascade, generate, inversion, job_config, parallel, schedulers, tiny_pipeline, training, xla_cpu
+from vmc_jax import cascade, generate, inversion, parallel, schedulers, tiny_pipeline, training, xla_cpu
 from vmc_jax.errors import JobError
+from vmc_jax.jobs import config as jobs_config
 from vmc_jax.loading import build_unet
 from vmc_jax.models import attention_core
 from vmc_jax.weights import abstract_params, model_config
@@ -206,7 +207,7 @@ def _scheduler(folder: str, part: str, default: dict) -> schedulers.Scheduler:
 def _keyframe_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, dtype_name: str, remat: bool):
     """(module, abstract params, scheduler, abstract text states) of the job's keyframe UNet."""
     folder = model_folder(config.pretrained)
-    model, params = _unet(folder, dtype=job_config.COMPUTE_DTYPES[dtype_name], remat=remat)
+    model, params = _unet(folder, dtype=jobs_config.COMPUTE_DTYPES[dtype_name], remat=remat)
     width = model.config.encoder_hid_dim or model.config.cross_attention_dim[0]
     text = jax.ShapeDtypeStruct((1, 77, width), jnp.float32, sharding=parallel.replicated(mesh))
     return model, params, _scheduler(folder, "scheduler", tiny_pipeline.SCHEDULER_CONFIG), text

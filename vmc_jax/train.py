@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from vmc_jax import (cascade_runner, checkpoints, files, generate, job_config, parallel, preemption, prompts, training,
-                     workdir)
+from vmc_jax import cascade_runner, checkpoints, files, generate, parallel, preemption, prompts, training, workdir
 from vmc_jax.errors import TrainingDiverged
+from vmc_jax.jobs import config as jobs_config
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, job_dir: str, strict: bool = False) -> training.TrainState:
@@ -41,7 +41,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, job_dir: str, strict: 
     the returned state is then stacked on a leading clip axis, in the order of ``config.clips``.
     ``strict``: refuse an unreadable latest checkpoint instead of resuming from the previous one.
     """
-    job_config.validate_config(config)
+    jobs_config.Job.from_config(config)
     os.makedirs(job_dir, exist_ok=True)
     with preemption.StopOnSignal() as signals:
         if not parallel.is_main_process():  # the main process holds the lock for the whole job
@@ -64,7 +64,7 @@ class _ClipJob:
 
 
 def _clip_jobs(config: ml_collections.ConfigDict, job_dir: str) -> list[_ClipJob]:
-    per_clip = job_config.clip_configs(config)
+    per_clip = {name: one.to_config() for name, one in jobs_config.Job.from_config(config).one_clip_jobs().items()}
     if not per_clip:
         return [_ClipJob("", job_dir, config)]
     return [_ClipJob(name, os.path.join(job_dir, name), one) for name, one in per_clip.items()]
