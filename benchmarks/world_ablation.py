@@ -133,7 +133,8 @@ def main(argv=None) -> None:
                     jnp.asarray(texts[""])[None], config.sampling.steps, config.sampling.guidance,
                     jax.random.PRNGKey(seed + 1)))
             else:
-                videos = generate.keyframe_videos(model, tuned_params, scheduler, clip, texts, targets, config)
+                videos = generate.keyframe_videos(model, tuned_params, scheduler, clip, texts, targets,
+                                                   config.inversion, config.sampling, config.seed)
             result = evaluation.evaluate_world_clips([(clip + 1) / 2] * len(targets), [prompt] * len(targets),
                                                      [(np.asarray(v) + 1) / 2 for v in videos], targets)
             rows.append({"seed": seed, "motion": motion, "method": method, **result["summary"],

@@ -99,19 +99,18 @@ def training_clip(config: ml_collections.ConfigDict) -> np.ndarray:
 
 
 def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: np.ndarray,
-                    texts: dict[str, np.ndarray], prompt_list: list[str],
-                    config: ml_collections.ConfigDict) -> list[np.ndarray]:
+                    texts: dict[str, np.ndarray], prompt_list: list[str], inversion_settings: jobs_config.Inversion,
+                    sampling_settings: jobs_config.Sampling, seed: int) -> list[np.ndarray]:
     """Inverts ``clip`` with ``params``, then samples one keyframe video ``(f, h, w, 3)`` in [-1, 1] per prompt.
 
     ``texts`` holds the encoder states of "" , the negative prompt and every prompt.
     """
-    c = config
-    inv_scheduler = inversion_scheduler(scheduler, c.inversion.method, c.inversion.scheduler)
-    x_T = inversion.ddim_invert(model, params, clip[None], texts[""][None], inv_scheduler, c.inversion.steps,
-                                method=c.inversion.method)
-    return [np.asarray(sample_keyframes(model, params, scheduler, x_T, texts[p][None],
-                                        texts[c.sampling.negative_prompt][None], c.sampling.steps,
-                                        c.sampling.guidance, jax.random.PRNGKey(c.seed))[0], np.float32)
+    inv_scheduler = inversion_scheduler(scheduler, inversion_settings.method, inversion_settings.scheduler)
+    x_T = inversion.ddim_invert(model, params, clip[None], texts[""][None], inv_scheduler, inversion_settings.steps,
+                                method=inversion_settings.method)
+    s = sampling_settings
+    return [np.asarray(sample_keyframes(model, params, scheduler, x_T, texts[p][None], texts[s.negative_prompt][None],
+                                        s.steps, s.guidance, jax.random.PRNGKey(seed))[0], np.float32)
             for p in prompt_list]
 
 
@@ -194,7 +193,8 @@ def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_lis
         logging.warning("no checkpoint: sampling with the untuned pretrained weights (--allow_untuned)")
     params = jax.device_put(training.merge_params(tuned if step is None else state["tuned"], frozen))
     texts = prompts.embed_prompts(config.pretrained, ["", config.sampling.negative_prompt, *prompt_list], job_dir)
-    videos = keyframe_videos(model, params, scheduler, training_clip(config), texts, prompt_list, config)
+    videos = keyframe_videos(model, params, scheduler, training_clip(config), texts, prompt_list, config.inversion,
+                             config.sampling, config.seed)
     del params  # the keyframe weights are not held while the later stages run
     out_dir = workdir.samples_dir(job_dir, f"generate_{step or 0}")
     keyframes = write_videos(videos, prompt_list, out_dir, config.sampling.fps)

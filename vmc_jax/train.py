@@ -209,7 +209,8 @@ def _validate(job: _ClipJob, video: np.ndarray, model: Any, params: Any, schedul
               stages: list[str], step: int, main: bool) -> None:
     """Keyframe samples of the clip's validation prompts (and the later ``stages``) into its samples folder."""
     c, prompt_list = job.config, list(job.config.validation.prompts)
-    videos = generate.keyframe_videos(model, params, scheduler, video, texts, prompt_list, c)
+    videos = generate.keyframe_videos(model, params, scheduler, video, texts, prompt_list, c.inversion, c.sampling,
+                                      c.seed)
     if main:  # the later stages run on the main process alone (the others wait at the next step)
         out_dir = workdir.samples_dir(job.folder, f"step_{step}")
         generate.write_videos(videos, prompt_list, out_dir, c.sampling.fps, overwrite=True)
