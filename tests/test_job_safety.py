@@ -1,6 +1,7 @@
 """The job layer under bad input and faults (issue 11's table): each case fails fast, in one line, and
 leaves no non-finite checkpoint, no second run in a workdir, no overwritten file, no silent truncation."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import FAST_COMPILE_ENV, REPO, tiny_config
-from vmc_jax import checkpoints, generate, text, train, workdir
+from vmc_jax import checkpoints, generate, prompts, text, train, workdir
 from vmc_jax.jobs import config as jobs_config
 from vmc_jax.conversion import read_state_dict
 from vmc_jax.errors import JobError, TrainingDiverged
@@ -252,6 +253,21 @@ def test_the_job_config_chooses_the_attention_core(tiny_pipeline_flax):
     config.attention = "blocked"
     model, _, _ = generate.load_keyframe_unet(config)
     assert model.attention_impl == "blocked"
+
+
+def test_sampling_from_random_noise_ignores_the_clip_and_from_inverted_noise_follows_it(tiny_pipeline_flax,
+                                                                                       tmp_path):
+    """``sampling.init`` ("generate --init"): "random" starts every clip from the same seeded noise."""
+    job = jobs_config.Job.from_config(tiny_config(tiny_pipeline_flax))
+    model, params, scheduler = generate.load_keyframe_unet(job)
+    texts = prompts.embed_prompts(job.pretrained, ["", "a cat"], str(tmp_path))
+    clip = generate.training_clip(job)
+    videos = {init: [generate.keyframe_videos(model, params, scheduler, c, texts, ["a cat"], job.inversion,
+                                              dataclasses.replace(job.sampling, init=init), job.seed)[0]
+                     for c in (clip, clip[::-1])] for init in jobs_config.SAMPLING_INITS}
+    np.testing.assert_array_equal(*videos["random"])
+    assert np.abs(videos["inverted"][0] - videos["inverted"][1]).max() > 0.1
+    assert np.abs(videos["inverted"][0] - videos["random"][0]).max() > 0.1
 
 
 def test_pretrained_must_be_a_converted_pipeline(tmp_path):

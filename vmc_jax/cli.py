@@ -6,6 +6,7 @@
     vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...] [--strict]
     vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--allow_untuned]   keyframes, tuned weights
         [--stages keyframes,interpolation,sr1,sr2]      and the later cascade stages
+        [--init inverted|random]                   from the clip's inverted noise (default) or random noise
     vmc-jax export --workdir W --out FILE.safetensors [--overwrite]               the tuned delta, PyTorch names
     vmc-jax world-pipeline DST [--overwrite]      write the pretrained moving-shapes world pipeline (hub format)
     vmc-jax evaluate --workdir W [--overwrite]    motion and appearance of W's newest `generate` samples
@@ -50,6 +51,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`, `tiny-pipeline`, 
 _STRICT = flags.DEFINE_bool("strict", False, "Refuse an unreadable latest checkpoint instead of using the previous.")
 _ALLOW_UNTUNED = flags.DEFINE_bool("allow_untuned", False, "`generate`: sample with the pretrained weights "
                                    "when the workdir has no checkpoint.")
+_INIT = flags.DEFINE_enum("init", None, ["inverted", "random"], "`generate`: start from the clip's inverted "
+                          "noise or from random noise (default: config.sampling.init, inverted).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error, and all library logs.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-process job: HOST:PORT of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job: how many processes.")
@@ -216,7 +219,11 @@ def _dispatch(command: str, args: list[str]) -> None:
     elif command == "generate":
         from vmc_jax.generate import generate_prompts
 
-        for path in generate_prompts(_job_config(), _require(_WORKDIR, "workdir"), _PROMPT.value, _STAGES.value,
+        config = _job_config()
+        if _INIT.value:
+            with config.unlocked():
+                config.sampling.init = _INIT.value
+        for path in generate_prompts(config, _require(_WORKDIR, "workdir"), _PROMPT.value, _STAGES.value,
                                      allow_untuned=_ALLOW_UNTUNED.value, strict=_STRICT.value):
             print(path)
     else:

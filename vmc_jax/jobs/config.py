@@ -26,6 +26,7 @@ Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it, or No
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.compute_dtype -> dtype
 LR_SCHEDULES = ("constant", "linear", "cosine")
 NON_FINITE_POLICIES = ("stop", "skip")
+SAMPLING_INITS = ("inverted", "random")
 PIPELINE_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 CASCADE_STAGE_FIELDS = ("interpolation", "sr1_image", "sr1", "sr2")
 
@@ -158,8 +159,10 @@ class Inversion:
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Keyframe sampling: DDIM steps, classifier-free guidance, negative prompt, and the videos' frame rate."""
+    """Keyframe sampling: where it starts, DDIM steps, classifier-free guidance, negative prompt, frame rate."""
 
+    # "inverted": the clip's DDIM-inverted noise (VMC); "random": seeded noise (the model's own baseline)
+    init: str = _field("inverted", _one_of(SAMPLING_INITS))
     steps: int = _field(75, _at_least(1))
     guidance: float = _field(9.0, _of_type(int, float))
     negative_prompt: str = _field("", _of_type(str))
