@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import FAST_COMPILE_ENV, REPO, tiny_config
-from vmc_jax import checkpoints, generate, prompts, text, train, workdir
+from vmc_jax import checkpoints, cli, generate, prompts, text, train, workdir
 from vmc_jax.jobs import config as jobs_config
 from vmc_jax.conversion import read_state_dict
 from vmc_jax.errors import JobError, TrainingDiverged
@@ -332,6 +332,27 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     result = vmc_jax_cli(*[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.splitlines() == [f"vmc-jax: error: {message.format(tmp=tmp_path)}"]
+
+
+def test_cli_help_lists_the_commands_and_each_commands_flags_and_config_fields():
+    top = vmc_jax_cli("--help")
+    assert top.returncode == 0 and all(f"\n  {name} " in top.stdout for name in cli.COMMANDS), top.stdout
+    assert vmc_jax_cli("-h").stdout == top.stdout
+    bare = vmc_jax_cli()
+    assert bare.returncode == 2 and bare.stdout == top.stdout
+    train = vmc_jax_cli("train", "--help")
+    assert train.returncode == 0 and train.stdout.startswith("usage: vmc-jax train --config")
+    assert "  --workdir " in train.stdout and "  --join_timeout " in train.stdout
+    assert "    train.lr = 0.0001" in train.stdout and "    cascade.sr1_window = 8" in train.stdout
+    convert = vmc_jax_cli("convert", "--help")
+    assert convert.returncode == 0 and "--overwrite" in convert.stdout and "config fields" not in convert.stdout
+
+
+def test_cli_unknown_command_gets_the_closest_one_in_one_line():
+    result = vmc_jax_cli("trian", "--workdir", "w")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "vmc-jax: error: unknown command 'trian'; did you mean \"train\"? (commands: " + ", ".join(cli.COMMANDS) + ")"]
 
 
 def test_cli_verbose_adds_the_traceback(tmp_path):
