@@ -37,7 +37,7 @@ import sys
 import traceback
 import warnings
 
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 from ml_collections import ConfigDict, config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :arg.",
@@ -92,6 +92,7 @@ COMMANDS = {
 }
 _joined_job = False  # whether this process is one of a multi-process job
 USER_ERROR, RUN_FAILED = 2, 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def _error_text(error: BaseException) -> str:
@@ -292,6 +293,8 @@ def main(argv: list[str]) -> None:
     if not _VERBOSE.value:
         _quiet_logs()
     logging.getLogger().setLevel(logging.INFO)
+    # "12:02:48 INFO step 50/200 ..." rather than absl's "I1202 12:02:48.173926 140197944101760 train.py:111]"
+    absl_logging.get_absl_handler().setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     try:
         if argv[1] == "train":
             from vmc_jax import parallel
