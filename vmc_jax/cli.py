@@ -1,5 +1,7 @@
 """The ``vmc-jax`` command.
 
+    vmc-jax download DST [--stages keyframes,interpolation,sr1,sr2] [--overwrite]   the released weights of
+                                                  each stage from the Hugging Face Hub, converted
     vmc-jax convert SRC DST [--overwrite]         hub pipeline or model folder -> Flax checkpoints
     vmc-jax tiny-pipeline DST [STAGES_DST] [--overwrite]  write a small random Show-1 pipeline (hub format),
                                                   and tiny pipelines of the later cascade stages
@@ -45,8 +47,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The job's folder: config, checkpoints, metrics, samples.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt to generate (repeatable).")
 _OUT = flags.DEFINE_string("out", None, "The file `export` writes (*.safetensors).")
-_STAGES = flags.DEFINE_list("stages", None, "`generate`: cascade stages, e.g. keyframes,interpolation,sr1,sr2 "
-                            "(default: keyframes and every stage config.cascade gives a folder for).")
+_STAGES = flags.DEFINE_list("stages", None, "`generate`, `download`: cascade stages, e.g. keyframes,interpolation,"
+                            "sr1,sr2 (default: keyframes and every stage config.cascade gives a folder for; "
+                            "`download`: all).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`, `tiny-pipeline`, `world-pipeline`, `export`, "
                                 "`evaluate`: replace an existing output.")
 _STRICT = flags.DEFINE_bool("strict", False, "Refuse an unreadable latest checkpoint instead of using the previous.")
@@ -70,6 +73,9 @@ _JOB_FLAGS = ("config", "workdir")
 _MULTI_PROCESS_FLAGS = ("coordinator", "num_processes", "process_id", "multihost", "join_timeout", "heartbeat_timeout")
 # command -> (what it does, its usage, the flags it reads, whether it reads a job config's fields)
 COMMANDS = {
+    "download": ("fetch the released weights of each cascade stage from the Hugging Face Hub and convert them",
+                 "vmc-jax download DST [--stages keyframes,interpolation,sr1,sr2] [--overwrite]",
+                 ("stages", "overwrite"), False),
     "convert": ("convert a hub pipeline or model folder (PyTorch weights) to Flax checkpoints",
                 "vmc-jax convert SRC DST [--overwrite]", ("overwrite",), False),
     "tiny-pipeline": ("write a small random Show-1 pipeline (hub layout), and tiny pipelines of the later stages",
@@ -227,7 +233,16 @@ def command_help(command: str) -> str:
 
 
 def _dispatch(command: str, args: list[str]) -> None:
-    if command == "convert":
+    if command == "download":
+        if len(args) != 1:
+            raise app.UsageError("usage: vmc-jax download DST [--stages keyframes,interpolation,sr1,sr2] [--overwrite]")
+        from vmc_jax.jobs.download import STAGE_REPOSITORIES, download
+
+        folders = download(args[0], _STAGES.value or list(STAGE_REPOSITORIES), overwrite=_OVERWRITE.value)
+        print("converted; a job reads them with:")
+        for field, folder in folders.items():
+            print(f"  --config.{field}={folder}")
+    elif command == "convert":
         if len(args) != 2:
             raise app.UsageError("usage: vmc-jax convert SRC DST [--overwrite]")
         from vmc_jax.conversion.pipeline import convert
