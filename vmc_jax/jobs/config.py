@@ -198,6 +198,13 @@ class Cascade:
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """``vmc-jax evaluate``: the world evaluator on world jobs; on real videos, the CLIP metrics with this model."""
+
+    clip: str = _field("", _optional_path)  # a hub CLIPModel folder (e.g. openai/clip-vit-base-patch32)
+
+
+@dataclasses.dataclass(frozen=True)
 class Clip:
     """One of several clips tuned at once (``config.clips.<name>``): its video and prompts."""
 
@@ -207,7 +214,7 @@ class Clip:
 
 
 SECTIONS = {"data": Data, "train": Train, "mesh": Mesh, "validation": Validation, "inversion": Inversion,
-            "sampling": Sampling, "cascade": Cascade}
+            "sampling": Sampling, "cascade": Cascade, "evaluation": Evaluation}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +237,7 @@ class Job:
     inversion: Inversion = dataclasses.field(default_factory=Inversion)
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
     cascade: Cascade = dataclasses.field(default_factory=Cascade)
+    evaluation: Evaluation = dataclasses.field(default_factory=Evaluation)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Job":
