@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmc_jax import data as video_io, files
+from vmc_jax import data, files
 from vmc_jax.loading import load_params, model_config
 from vmc_jax.models.clip_vision import CLIPTextProjectionEncoder, CLIPVisionEncoder
 
@@ -117,7 +117,7 @@ class ClipScorer:
 def evaluate_videos(scorer: ClipScorer, samples: Mapping[str, str], out_dir: str | None = None) -> dict[str, Any]:
     """Both metrics of each video file of ``samples`` (path -> its prompt) and their means as
     {"summary", "clips"}; given ``out_dir``, written there as ``metrics.json``."""
-    per_clip = [{"video": path, "prompt": prompt, **scorer.scores(video_io.read_frames(path), prompt)}
+    per_clip = [{"video": path, "prompt": prompt, **scorer.scores(data.read_frames(path), prompt)}
                 for path, prompt in samples.items()]
     result = {"summary": {name: float(np.mean([c[name] for c in per_clip])) for name in METRICS}, "clips": per_clip}
     if out_dir is not None:
