@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -154,16 +154,32 @@ def check_file_names(prompt_list: list[str], stages: list[str], out_dir: str) ->
     files.check_name_fits(out_dir, max(stems, key=lambda stem: len(stem.encode())) + f"-999.{VIDEO_FORMATS[0]}")
 
 
-def write_cascade(config: ml_collections.ConfigDict, videos: list[np.ndarray], texts: dict[str, np.ndarray],
-                  prompt_list: list[str], stages: list[str], out_dir: str, overwrite: bool = False) -> list[str]:
-    """Runs the cascade ``stages`` after the keyframe ``videos``; writes ``<i>_<prompt>_<stage>.gif/.mp4``."""
-    by_stage: dict[str, list[np.ndarray]] = {}
-    for video, prompt in zip(videos, prompt_list):
-        outputs = cascade_runner.run_cascade(config, video, prompt, texts[prompt][None], texts[""][None], stages)
-        for stage, frames in outputs.items():
-            by_stage.setdefault(stage, []).append(frames)
-    return [path for stage, stage_videos in by_stage.items()
-            for path in write_videos(stage_videos, prompt_list, out_dir, config.cascade.fps, overwrite, f"_{stage}")]
+class Samples(NamedTuple):
+    """The keyframe videos of some prompts, and the folder their files go to."""
+
+    out_dir: str
+    prompts: list[str]
+    videos: list[np.ndarray]
+
+
+def write_cascade(settings: cascade_runner.CascadeSettings, stages: list[str], texts: dict[str, np.ndarray],
+                  samples: list[Samples], overwrite: bool = False) -> list[str]:
+    """Runs the cascade ``stages`` after the keyframe videos of all ``samples`` in one run (each stage's
+    models loaded once for all their prompts); writes ``<i>_<prompt>_<stage>.gif/.mp4`` into each one's folder.
+
+    ``texts`` holds the T5 states of "" and of every prompt.
+    """
+    prompt_list = [p for one in samples for p in one.prompts]
+    outputs = cascade_runner.run_cascade(settings, stages, [v for one in samples for v in one.videos], prompt_list,
+                                         [texts[p][None] for p in prompt_list], texts[""][None])
+    written, start = [], 0
+    for one in samples:
+        end = start + len(one.prompts)
+        written += [path for stage, videos in outputs.items()
+                    for path in write_videos(videos[start:end], one.prompts, one.out_dir, settings.fps, overwrite,
+                                             f"_{stage}")]
+        start = end
+    return written
 
 
 def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_list: list[str],
@@ -196,7 +212,8 @@ def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_lis
     out_dir = workdir.samples_dir(job_dir, f"generate_{step or 0}")
     keyframes = write_videos(videos, prompt_list, out_dir, config.sampling.fps)
     _record_prompts(out_dir, {path: prompt for path, prompt in zip(keyframes[::len(VIDEO_FORMATS)], prompt_list)})
-    return keyframes + write_cascade(config, videos, texts, prompt_list, stages, out_dir)
+    settings = cascade_runner.CascadeSettings.from_config(config)
+    return keyframes + write_cascade(settings, stages, texts, [Samples(out_dir, prompt_list, videos)])
 
 
 def _record_prompts(out_dir: str, samples: dict[str, str]) -> None:
