@@ -1,9 +1,12 @@
 """The cascade chained from the config: `vmc-jax generate --stages ...` end to end on the tiny
-pipelines, stage-folder and size errors raised before sampling, one stage's weights held at a time."""
+pipelines, stage-folder and size errors raised before sampling, one stage's weights held at a time,
+each stage's models loaded once for all prompts."""
 
+import dataclasses
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import jax
 import numpy as np
@@ -11,12 +14,16 @@ import pytest
 from flax import traverse_util
 
 from configs import vmc as vmc_configs
+import vmc_jax.text
+import vmc_jax.vae
 from vmc_jax import cascade_runner, data
+from vmc_jax.jobs import config as jobs_config
 from vmc_jax.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small frames keep the four stages to seconds: keyframes 8x16 -> sr1 32x64 -> sr2 16x32.
 SIZES = dict(height=8, width=16, sr2_height=16, sr2_width=32)
+STAGES = ["keyframes", "interpolation", "sr1", "sr2"]
 
 
 @pytest.fixture(scope="module")
@@ -74,23 +81,20 @@ def test_wrong_stage_folder_is_refused_before_sampling(tiny, tmp_path):
 
 
 def test_stage_folder_and_size_errors(tiny, tmp_path):
-    config = tiny_config(tiny)
-    stages = cascade_runner.requested_stages(config, None)
+    settings = jobs_config.Job.from_config(tiny_config(tiny)).cascade
+    stages = cascade_runner.requested_stages(settings, None)
     assert stages == ["keyframes", "interpolation", "sr1", "sr2"]
-    config.cascade.sr2 = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"config.cascade.sr2 = '.*nowhere': no such folder"):
-        cascade_runner.check_stage_folders(config, stages)
-    config.cascade.sr2 = tiny["sr2"]
-    config.cascade.sr1_image = tiny["sr1"]
+        cascade_runner.check_stage_folders(dataclasses.replace(settings, sr2=str(tmp_path / "nowhere")), stages)
+    settings = dataclasses.replace(settings, sr1_image=tiny["sr1"])
     with pytest.raises(ValueError, match="config.cascade.sr1_image .* expected a DeepFloyd IF-II"):
-        cascade_runner.check_stage_folders(config, stages)
+        cascade_runner.check_stage_folders(settings, stages)
     with pytest.raises(ValueError, match="sr1_stride.*cannot cover 37 frames with windows of 8 and stride 7"):
-        cascade_runner.check_sizes(config, stages, 10, 8, 16)
+        cascade_runner.check_sizes(settings, stages, 10, 8, 16)
     with pytest.raises(ValueError, match="stage sr2: frames of 18x32 are not divisible by 4"):
-        config.cascade.sr2_height = 18
-        cascade_runner.check_sizes(config, stages, 8, 8, 16)
+        cascade_runner.check_sizes(dataclasses.replace(settings, sr2_height=18), stages, 8, 8, 16)
     with pytest.raises(ValueError, match="must start with keyframes"):
-        cascade_runner.requested_stages(config, ["sr1", "keyframes"])
+        cascade_runner.requested_stages(settings, ["sr1", "keyframes"])
 
 
 def live_bytes() -> int:
@@ -115,13 +119,44 @@ def test_only_one_stage_holds_weights(tiny):
     def monitor(stage, params):
         held[stage] = (live_bytes() - base, tree_bytes(params))
 
-    outputs = cascade_runner.run_cascade(config, keyframes, "a blue square is moving", text, empty,
-                                         ["keyframes", "interpolation", "sr1", "sr2"], monitor)
+    outputs = cascade_runner.run_cascade(jobs_config.Job.from_config(config).cascade, config.seed, STAGES,
+                                         [keyframes], ["a blue square is moving"], [text], empty, monitor)
     assert list(held) == ["interpolation", "sr1_image", "sr1", "sr2"]
     smallest = min(weights for _, weights in held.values())
     for stage, (extra, weights) in held.items():
         print(f"{stage}: held {extra / 2**20:.2f} MiB beyond the start, its weights {weights / 2**20:.2f} MiB")
         assert weights <= extra < weights + smallest, stage
     assert live_bytes() - base < smallest
-    assert {k: v.shape for k, v in outputs.items()} == {
-        "interpolation": (29, 8, 16, 3), "sr1": (29, 32, 64, 3), "sr2": (29, 16, 32, 3)}
+    assert {k: [v.shape for v in videos] for k, videos in outputs.items()} == {
+        "interpolation": [(29, 8, 16, 3)], "sr1": [(29, 32, 64, 3)], "sr2": [(29, 16, 32, 3)]}
+
+
+def test_each_stage_loads_its_models_once_for_all_prompts(tiny, monkeypatch):
+    """Three prompts through every stage: each UNet, the sr2 VAE and its text encoder are read from
+    disk once. The third prompt repeats the first (same keyframes and text): its videos are equal
+    to the first's (every prompt draws from the seed), the second prompt's differ."""
+    loads = Counter()
+
+    def counted(loader):
+        def load(path, *args, **kwargs):
+            loads[os.path.relpath(path, os.path.dirname(tiny["sr2"]))] += 1
+            return loader(path, *args, **kwargs)
+        return load
+
+    monkeypatch.setattr(cascade_runner, "load_unet", counted(cascade_runner.load_unet))
+    monkeypatch.setattr(vmc_jax.vae, "load_vae", counted(vmc_jax.vae.load_vae))
+    monkeypatch.setattr(vmc_jax.text, "load_text_encoder", counted(vmc_jax.text.load_text_encoder))
+    rng = np.random.default_rng(1)
+    keyframes = [rng.uniform(-1, 1, (8, 8, 16, 3)).astype(np.float32) for _ in range(2)]
+    texts = [rng.normal(size=(1, 77, 32)).astype(np.float32) for _ in range(3)]
+    prompts = ["a blue square is moving", "a red disc is moving", "a blue square is moving"]
+    config = tiny_config(tiny)
+    outputs = cascade_runner.run_cascade(jobs_config.Job.from_config(config).cascade, config.seed, STAGES,
+                                         [*keyframes, keyframes[0]], prompts, [texts[0], texts[1], texts[0]],
+                                         texts[2])
+    assert loads == Counter({"interpolation/unet": 1, "sr1_image/unet": 1, "sr1/unet": 1, "sr2/unet": 1,
+                             "sr2/vae": 1, "sr2/text_encoder": 1})
+    for stage, videos in outputs.items():
+        assert len(videos) == 3, stage
+        np.testing.assert_array_equal(videos[0], videos[2], err_msg=stage)
+        assert not np.allclose(videos[0], videos[1]), stage

@@ -221,6 +221,21 @@ def test_loop_compiles_once():
     assert sample_loop._cache_size() == before + 1
 
 
+def test_shared_noise_is_one_draw_for_the_batch():
+    """shared_noise: each step draws one noise for all batch items, so identical items stay equal,
+    and equal the one-item run (exactly); without it, they part."""
+    scheduler = schedulers.from_config(DDPM)
+    denoise = _jax_denoiser(scheduler, with_variance=True)
+    item = jnp.asarray(np.random.default_rng(6).standard_normal(SHAPE[1:], dtype=np.float32))
+    key = jax.random.key(7, impl="rbg")
+    shared = sample_loop(scheduler, denoise, jnp.stack([item] * 3), 6, rng=key, shared_noise=True)
+    alone = sample_loop(scheduler, denoise, item[None], 6, rng=key, shared_noise=True)
+    for x in shared:
+        np.testing.assert_array_equal(x, alone[0])
+    separate = sample_loop(scheduler, denoise, jnp.stack([item] * 3), 6, rng=key)
+    assert not np.allclose(separate[0], separate[1])
+
+
 def test_stochastic_sampler_needs_randomness():
     """DDPM without rng or noise is refused with a message naming `rng`."""
     scheduler = schedulers.from_config(DDPM)

@@ -74,6 +74,15 @@ def test_step_inputs():
     assert not ddpm.second_order.any()
 
 
+def test_step_inputs_from_a_later_step():
+    """An img2img run (first_step 5 of 20) takes the full run's later steps, its first one first order."""
+    dpm = schedulers.from_config({"_class_name": "DPMSolverMultistepScheduler"})
+    full, late = schedulers.step_inputs(dpm, 20), schedulers.step_inputs(dpm, 20, first_step=5)
+    np.testing.assert_array_equal(late.t, full.t[5:])
+    np.testing.assert_array_equal(late.prev_t, full.prev_t[5:])
+    np.testing.assert_array_equal(late.second_order, [False] + [True] * 13 + [False])
+
+
 def test_alpha_cumprod_at_negative_timestep():
     """t < 0 (past the last step) reads 1 with set_alpha_to_one, else alphas_cumprod[0]."""
     for set_alpha_to_one, expected in ((True, 1.0), (False, None)):

@@ -8,7 +8,8 @@
 Frames are channels last, ``(frames, height, width, 3)`` in [-1, 1] (raw sampler outputs, as the
 reference pipelines pass them on with ``output_type="pt"``). Text states are encoder outputs
 ``(1, length, dim)``. Each stage function is jitted with its models, schedulers and step counts
-static, so it compiles once per shape; the denoising loop is one ``lax.scan`` (``sample_stage``).
+static, so it compiles once per shape; the denoising loop is `sampling.sample_loop` (one ``lax.scan``),
+with one per-step draw shared by the windows (``shared_noise``).
 
 Random draws follow the reference, where every window is a pipeline call re-seeded to the same
 seed: all windows share one initial noise, one noise augmentation and one per-step noise draw.
@@ -30,6 +31,8 @@ import numpy as np
 
 from vmc_jax import sampling, schedulers
 from vmc_jax.schedulers import Scheduler
+
+STAGES = ("keyframes", "interpolation", "sr1", "sr2")  # the cascade, in order; a job runs a prefix of it
 
 INTERPOLATION_WINDOW = 5  # a keyframe, three new frames, the next keyframe
 
@@ -67,46 +70,6 @@ def resize_frames(frames: jax.Array, height: int, width: int) -> jax.Array:
     rows = resize_matrix(frames.shape[-3], height)
     cols = resize_matrix(frames.shape[-2], width)
     return jnp.einsum("Hh,...hwc,Ww->...HWc", rows, frames, cols, precision=jax.lax.Precision.HIGHEST)
-
-
-def stage_step_inputs(scheduler: Scheduler, num_inference_steps: int, first_step: int = 0) -> schedulers.StepInputs:
-    """The run's step inputs from step ``first_step`` on (sr2's strength); the first step taken is first order."""
-    inputs = schedulers.step_inputs(scheduler, num_inference_steps)
-    inputs = schedulers.StepInputs(*(np.asarray(a)[first_step:] for a in inputs))
-    return inputs._replace(second_order=np.where(np.arange(len(inputs.t)) == 0, False, inputs.second_order))
-
-
-@functools.partial(jax.jit, static_argnames=("scheduler", "denoise_fn", "num_inference_steps", "first_step"))
-def sample_stage(scheduler: Scheduler, denoise_fn: sampling.DenoiseFn, x_T: jax.Array, num_inference_steps: int,
-                 first_step: int = 0, rng: jax.Array | None = None, step_noise: jax.Array | None = None,
-                 denoise_args: tuple = ()) -> jax.Array:
-    """Denoises ``x_T`` ``(windows, *item)`` in one ``lax.scan`` (thresholding per frame, see `schedulers`).
-
-    Per-step noise is one draw of shape ``item`` shared by all windows: from ``rng``, or given as
-    ``step_noise`` ``(steps, *item)``. ``first_step`` skips the run's first steps (img2img strength).
-    """
-    inputs = stage_step_inputs(scheduler, num_inference_steps, first_step)
-    item = x_T.shape[1:]
-    draws = None
-    if scheduler.needs_noise:
-        if step_noise is None and rng is None:
-            raise ValueError(f"the {scheduler.algorithm} sampler adds noise: pass `rng` (or `step_noise`)")
-        if step_noise is not None and step_noise.shape != (len(inputs.t), *item):
-            raise ValueError(f"step_noise has shape {step_noise.shape}, expected {(len(inputs.t), *item)}")
-        draws = jax.random.split(rng, len(inputs.t)) if step_noise is None else step_noise
-
-    def body(carry, step_xs):
-        x, state = carry
-        step_inputs, draw = step_xs
-        model_output = denoise_fn(x, step_inputs.t, *denoise_args)
-        if draw is not None:
-            draw = jax.random.normal(draw, item, jnp.float32) if step_noise is None else draw
-            draw = jnp.broadcast_to(draw, x.shape)
-        return schedulers.step(scheduler, model_output, x, step_inputs, state, draw), None
-
-    x = x_T.astype(jnp.float32)
-    (x, _), _ = jax.lax.scan(body, (x, schedulers.init_state(scheduler, x)), (inputs, draws))
-    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +149,8 @@ def interpolate_keyframes(model: nn.Module, params: Any, scheduler: Scheduler, k
     init, _, step_rng, step_noise = _draw(rng, noise, (INTERPOLATION_WINDOW, h, w, c), None)
     x_T = jnp.broadcast_to(init, (n - 1, *init.shape))
     args = (params, _guided_text(text, negative_text, n - 1), jnp.concatenate([condition, mask], -1), None)
-    windows = sample_stage(scheduler, _guided_unet(model, scheduler, guidance), x_T, steps, rng=step_rng,
-                           step_noise=step_noise, denoise_args=args)
+    windows = sampling.sample_loop(scheduler, _guided_unet(model, scheduler, guidance), x_T, steps, rng=step_rng,
+                                   noise=step_noise, denoise_args=args, shared_noise=True)
     return jnp.concatenate([windows[:, :-1].reshape(-1, h, w, c), windows[-1, -1:]])
 
 
@@ -213,8 +176,8 @@ def super_resolve_first_frame(model: nn.Module, params: Any, scheduler: Schedule
     init, augmentation, step_rng, step_noise = _draw(rng, noise, (height, width, 3), (height, width, 3))
     condition = _noised_condition(noising_scheduler, image, height, width, noise_level, augmentation)
     args = (params, _guided_text(text, negative_text, 1), condition[None], jnp.asarray(noise_level))
-    out = sample_stage(scheduler, _guided_unet(model, scheduler, guidance), init[None], steps, rng=step_rng,
-                       step_noise=step_noise, denoise_args=args)
+    out = sampling.sample_loop(scheduler, _guided_unet(model, scheduler, guidance), init[None], steps, rng=step_rng,
+                               noise=step_noise, denoise_args=args, shared_noise=True)
     return out[0]
 
 
@@ -229,8 +192,8 @@ def _super_resolve_window(model: nn.Module, params: Any, scheduler: Scheduler, n
     condition = _noised_condition(noising_scheduler, low, height, width, noise_level, augmentation)
     condition = condition.at[0].set(first_frame)  # the clean anchor frame replaces the noised one
     args = (params, _guided_text(text, negative_text, 1), condition[None], jnp.asarray(noise_level))
-    out = sample_stage(scheduler, _guided_unet(model, scheduler, guidance), init[None], steps, rng=step_rng,
-                       step_noise=step_noise, denoise_args=args)
+    out = sampling.sample_loop(scheduler, _guided_unet(model, scheduler, guidance), init[None], steps, rng=step_rng,
+                               noise=step_noise, denoise_args=args, shared_noise=True)
     return out[0]
 
 
@@ -295,9 +258,10 @@ def video_to_video(model: nn.Module, params: Any, vae: nn.Module, vae_params: An
     mean, logvar = _vae_map(vae, vae_params, video, "encode")
     init, posterior, step_rng, step_noise = _draw(rng, noise, mean.shape, mean.shape)
     latents = (mean + jnp.exp(0.5 * logvar) * posterior) * vae.config.scaling_factor
-    t_first = int(stage_step_inputs(scheduler, steps, first).t[0])
+    t_first = int(schedulers.step_inputs(scheduler, steps, first).t[0])
     x_T = schedulers.add_noise(scheduler, latents, init, t_first)
     args = (params, _guided_text(text, negative_text, 1), None, None)
-    latents = sample_stage(scheduler, _guided_unet(model, scheduler, guidance), x_T[None], steps, first_step=first,
-                           rng=step_rng, step_noise=step_noise, denoise_args=args)[0]
+    latents = sampling.sample_loop(scheduler, _guided_unet(model, scheduler, guidance), x_T[None], steps,
+                                   rng=step_rng, noise=step_noise, denoise_args=args, first_step=first,
+                                   shared_noise=True)[0]
     return _vae_map(vae, vae_params, latents / vae.config.scaling_factor, "decode")

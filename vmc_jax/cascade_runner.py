@@ -1,24 +1,25 @@
-"""Chaining the cascade stages from the config: checking stage folders and sizes up front, loading
-each stage's models only while it runs, and handing frames from stage to stage.
+"""Chaining the cascade stages: checking stage folders and sizes up front, loading each stage's
+models once for all prompts and only while it runs, and handing frames from stage to stage.
 
 ``config.cascade`` names one pipeline folder per stage (hub or ``vmc-jax convert`` output):
 ``interpolation`` (Show-1 interpolation), ``sr1_image`` (DeepFloyd IF-II), ``sr1`` (Show-1 sr1),
-``sr2`` (Show-1 sr2, zeroscope-style). sr1 uses both ``sr1_image`` and ``sr1``.
+``sr2`` (Show-1 sr2, zeroscope-style). sr1 uses both ``sr1_image`` and ``sr1``. The job reads it
+once into its typed section (`vmc_jax.jobs.config.Cascade`), which is what the functions here take.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from vmc_jax import cascade, checkpoints, schedulers
+from vmc_jax.cascade import STAGES
+from vmc_jax.jobs import config as jobs_config
 from vmc_jax.loading import load_unet
 
-STAGES = ("keyframes", "interpolation", "sr1", "sr2")
 # stage -> the config.cascade fields naming its folders.
 STAGE_FOLDERS = {"interpolation": ("interpolation",), "sr1": ("sr1_image", "sr1"), "sr2": ("sr2",)}
 # config.cascade field -> (UNet family, input channels, what it should be), to catch a wrong folder.
@@ -35,11 +36,11 @@ _PARTS = {"interpolation": ("unet", "scheduler"), "sr1_image": ("unet", "schedul
 StageMonitor = Callable[[str, Any], None]
 
 
-def requested_stages(config: ml_collections.ConfigDict, stages: list[str] | None) -> list[str]:
+def requested_stages(settings: jobs_config.Cascade, stages: Sequence[str] | None) -> list[str]:
     """The stages to run, in cascade order: ``stages`` (checked), or keyframes and every stage whose folders are set."""
-    folders = config.cascade
     if not stages:
-        return ["keyframes"] + [s for s, fields in STAGE_FOLDERS.items() if all(folders[f] for f in fields)]
+        return ["keyframes"] + [s for s, fields in STAGE_FOLDERS.items()
+                                if all(getattr(settings, f) for f in fields)]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"--stages: unknown stage(s) {unknown}; expected some of {list(STAGES)}")
@@ -48,18 +49,18 @@ def requested_stages(config: ml_collections.ConfigDict, stages: list[str] | None
                          f"{','.join(STAGES)}")
     for stage in stages[1:]:
         for field in STAGE_FOLDERS[stage]:
-            if not folders[field]:
+            if not getattr(settings, field):
                 raise ValueError(f"stage {stage!r} needs config.cascade.{field} (a pipeline folder); it is empty")
     return list(stages)
 
 
-def check_stage_folders(config: ml_collections.ConfigDict, stages: list[str]) -> None:
+def check_stage_folders(settings: jobs_config.Cascade, stages: Sequence[str]) -> None:
     """Fails before any sampling when a stage folder is missing, incomplete or of the wrong kind."""
     from vmc_jax.models.unet_config import UNetConfig
 
     for stage in stages[1:]:
         for field in STAGE_FOLDERS[stage]:
-            folder = config.cascade[field]
+            folder = getattr(settings, field)
             where = f"config.cascade.{field} = {folder!r}"
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"{where}: no such folder")
@@ -84,42 +85,42 @@ def _downsampling(folder: str, part: str) -> int:
     return 2 ** (len(checkpoints.read_config(os.path.join(folder, part))["block_out_channels"]) - 1)
 
 
-def check_sizes(config: ml_collections.ConfigDict, stages: list[str], num_frames: int, height: int,
+def check_sizes(settings: jobs_config.Cascade, stages: Sequence[str], num_frames: int, height: int,
                 width: int) -> None:
     """Refuses, before sampling, frame counts and sizes a stage cannot take, naming them."""
-    c = config.cascade
     sizes = {"keyframes": (num_frames, height, width)}
     if "interpolation" in stages:
         num_frames = (cascade.INTERPOLATION_WINDOW - 1) * (num_frames - 1) + 1
         sizes["interpolation"] = (num_frames, height, width)
     if "sr1" in stages:
         try:
-            cascade.window_starts(num_frames, c.sr1_window, c.sr1_stride)
+            cascade.window_starts(num_frames, settings.sr1_window, settings.sr1_stride)
         except ValueError as err:
             raise ValueError(f"stage sr1 (config.cascade.sr1_window, sr1_stride): {err}") from err
-        sizes["sr1"] = (num_frames, height * c.sr1_scale, width * c.sr1_scale)
+        sizes["sr1"] = (num_frames, height * settings.sr1_scale, width * settings.sr1_scale)
     if "sr2" in stages:
-        sizes["sr2"] = (num_frames, c.sr2_height, c.sr2_width)
+        sizes["sr2"] = (num_frames, settings.sr2_height, settings.sr2_width)
     for stage, (frames, h, w) in sizes.items():
         for field in STAGE_FOLDERS.get(stage, ()):
-            factor = _downsampling(c[field], "unet")
+            factor = _downsampling(getattr(settings, field), "unet")
             if field == "sr2":
-                factor *= _downsampling(c[field], "vae")
+                factor *= _downsampling(settings.sr2, "vae")
             if h % factor or w % factor:
                 raise ValueError(f"stage {stage}: frames of {h}x{w} are not divisible by {factor}, "
                                  f"which config.cascade.{field}'s models need")
 
 
-def checked_stages(config: ml_collections.ConfigDict, stages: list[str] | None) -> list[str]:
-    """``requested_stages``, with their folders and the config's clip size checked: call before sampling."""
-    stages = requested_stages(config, stages)
-    check_stage_folders(config, stages)
-    check_sizes(config, stages, config.data.num_frames, config.data.height, config.data.width)
+def checked_stages(job: jobs_config.Job, stages: Sequence[str] | None) -> list[str]:
+    """``requested_stages`` of the job, with their folders and its clip size checked: the job calls
+    it once, before any sampling (`run_cascade` checks nothing again)."""
+    stages = requested_stages(job.cascade, stages)
+    check_stage_folders(job.cascade, stages)
+    check_sizes(job.cascade, stages, job.data.num_frames, job.data.height, job.data.width)
     return stages
 
 
 def _stage_unet(folder: str) -> tuple[Any, Any, schedulers.Scheduler]:
-    """A stage's UNet (params placed on the device once, for all its windows) and its scheduler."""
+    """A stage's UNet (params placed on the device once, for all its windows and prompts) and its scheduler."""
     model, params = load_unet(os.path.join(folder, "unet"), dtype=np.float32)
     return model, jax.device_put(params), schedulers.from_config(folder)
 
@@ -128,31 +129,45 @@ def _noising_scheduler(folder: str) -> schedulers.Scheduler:
     return schedulers.from_config(os.path.join(folder, "image_noising_scheduler"))
 
 
-def _interpolation(c: ml_collections.ConfigDict, frames: jax.Array, texts: dict, rng: jax.Array,
-                   monitor: StageMonitor) -> jax.Array:
-    model, params, scheduler = _stage_unet(c.interpolation)
-    monitor("interpolation", params)
-    return cascade.interpolate_keyframes(model, params, scheduler, frames, texts["text"], texts["empty"],
-                                         c.interpolation_steps, c.interpolation_guidance, rng=rng)
+class _Run(NamedTuple):
+    """What every stage of one cascade run shares: the prompts, their T5 states ``(1, L, d)`` (one
+    per prompt), the empty prompt's, the PRNG key and the monitor."""
+
+    prompts: tuple[str, ...]
+    texts: tuple[jax.Array, ...]
+    empty: jax.Array
+    rng: jax.Array
+    monitor: StageMonitor
 
 
-def _sr1(c: ml_collections.ConfigDict, frames: jax.Array, texts: dict, rng: jax.Array,
-         monitor: StageMonitor) -> jax.Array:
-    height, width = frames.shape[1] * c.sr1_scale, frames.shape[2] * c.sr1_scale
+def _interpolation(s: jobs_config.Cascade, videos: list[jax.Array], run: _Run) -> list[jax.Array]:
+    model, params, scheduler = _stage_unet(s.interpolation)
+    run.monitor("interpolation", params)
+    return [cascade.interpolate_keyframes(model, params, scheduler, frames, text, run.empty, s.interpolation_steps,
+                                          s.interpolation_guidance, rng=run.rng)
+            for frames, text in zip(videos, run.texts)]
 
-    def first_frame() -> jax.Array:  # IF-II's weights are released when this returns
-        model, params, scheduler = _stage_unet(c.sr1_image)
-        monitor("sr1_image", params)
-        return cascade.super_resolve_first_frame(
-            model, params, scheduler, _noising_scheduler(c.sr1_image), frames[0], texts["text"], texts["empty"],
-            height, width, c.sr1_image_steps, c.sr1_image_guidance, c.sr1_image_noise_level, rng=rng)
 
-    anchor = first_frame()
-    model, params, scheduler = _stage_unet(c.sr1)
-    monitor("sr1", params)
-    return cascade.super_resolve_windows(model, params, scheduler, _noising_scheduler(c.sr1), frames, anchor,
-                                         texts["text"], texts["empty"], height, width, c.sr1_steps, c.sr1_guidance,
-                                         c.sr1_noise_level, c.sr1_window, c.sr1_stride, rng=rng)
+def _sr1(s: jobs_config.Cascade, videos: list[jax.Array], run: _Run) -> list[jax.Array]:
+    sizes = [(frames.shape[1] * s.sr1_scale, frames.shape[2] * s.sr1_scale) for frames in videos]
+
+    def first_frames() -> list[jax.Array]:  # IF-II's weights are released when this returns
+        model, params, scheduler = _stage_unet(s.sr1_image)
+        noising = _noising_scheduler(s.sr1_image)
+        run.monitor("sr1_image", params)
+        return [cascade.super_resolve_first_frame(
+            model, params, scheduler, noising, frames[0], text, run.empty, *size, s.sr1_image_steps,
+            s.sr1_image_guidance, s.sr1_image_noise_level, rng=run.rng)
+            for frames, text, size in zip(videos, run.texts, sizes)]
+
+    anchors = first_frames()
+    model, params, scheduler = _stage_unet(s.sr1)
+    noising = _noising_scheduler(s.sr1)
+    run.monitor("sr1", params)
+    return [cascade.super_resolve_windows(model, params, scheduler, noising, frames, anchor, text, run.empty, *size,
+                                          s.sr1_steps, s.sr1_guidance, s.sr1_noise_level, s.sr1_window, s.sr1_stride,
+                                          rng=run.rng)
+            for frames, anchor, text, size in zip(videos, anchors, run.texts, sizes)]
 
 
 def sr2_input(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -164,58 +179,49 @@ def sr2_input(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack(resized).astype(np.float32) / 255.0 * 2.0 - 1.0
 
 
-def _sr2(c: ml_collections.ConfigDict, frames: jax.Array, texts: dict, rng: jax.Array,
-         monitor: StageMonitor) -> jax.Array:
+def _sr2(s: jobs_config.Cascade, videos: list[jax.Array], run: _Run) -> list[jax.Array]:
     from vmc_jax.text import encode_prompts, load_text_encoder, load_tokenizer
     from vmc_jax.vae import load_vae
 
-    encoder, encoder_params = load_text_encoder(os.path.join(c.sr2, "text_encoder"))
-    tokenizer = load_tokenizer(c.sr2)
-    clip_text, _ = encode_prompts(tokenizer, encoder, encoder_params, [texts["prompt"]])
-    clip_negative, _ = encode_prompts(tokenizer, encoder, encoder_params, [c.sr2_negative_prompt])
+    encoder, encoder_params = load_text_encoder(os.path.join(s.sr2, "text_encoder"))
+    tokenizer = load_tokenizer(s.sr2)
+    clip_negative, *clip_texts = [encode_prompts(tokenizer, encoder, encoder_params, [prompt])[0]
+                                  for prompt in (s.sr2_negative_prompt, *run.prompts)]
     del encoder_params  # the CLIP states are all sr2 needs from it
-    model, params, scheduler = _stage_unet(c.sr2)
-    vae, vae_params = load_vae(os.path.join(c.sr2, "vae"), dtype=np.float32)
+    model, params, scheduler = _stage_unet(s.sr2)
+    vae, vae_params = load_vae(os.path.join(s.sr2, "vae"), dtype=np.float32)
     vae_params = jax.device_put(vae_params)
-    monitor("sr2", (params, vae_params))
-    video = sr2_input(np.asarray(frames), c.sr2_height, c.sr2_width)
-    return cascade.video_to_video(model, params, vae, vae_params, scheduler, video, clip_text, clip_negative,
-                                  c.sr2_steps, c.sr2_strength, c.sr2_guidance, rng=rng)
+    run.monitor("sr2", (params, vae_params))
+    return [cascade.video_to_video(model, params, vae, vae_params, scheduler,
+                                   sr2_input(np.asarray(frames), s.sr2_height, s.sr2_width), clip_text,
+                                   clip_negative, s.sr2_steps, s.sr2_strength, s.sr2_guidance, rng=run.rng)
+            for frames, clip_text in zip(videos, clip_texts)]
 
 
 _RUNNERS = {"interpolation": _interpolation, "sr1": _sr1, "sr2": _sr2}
 
 
-def run_cascade(config: ml_collections.ConfigDict, keyframes: jax.Array, prompt: str, text: jax.Array,
-                empty_text: jax.Array, stages: list[str], monitor: StageMonitor | None = None) -> dict[str, np.ndarray]:
-    """Runs ``stages`` (after "keyframes") on ``(f, h, w, 3)`` keyframes; returns each stage's frames.
+def run_cascade(settings: jobs_config.Cascade, seed: int, stages: Sequence[str], keyframes: Sequence[np.ndarray],
+                prompts: Sequence[str], texts: Sequence[jax.Array], empty_text: jax.Array,
+                monitor: StageMonitor | None = None) -> dict[str, list[np.ndarray]]:
+    """Runs ``stages`` (after "keyframes") on each prompt's ``(f, h, w, 3)`` keyframes; returns, per
+    stage, its frames for each prompt in order.
 
-    ``text`` / ``empty_text``: the prompt's and the empty prompt's T5 states ``(1, L, d)``, computed
-    once by the caller and reused by every pixel stage; sr2 encodes with its own CLIP. Folders
-    and sizes are checked before any stage runs. A stage's models are loaded when it starts and
-    released when it ends; ``monitor(stage, params)`` is called once they are loaded (tests use it
-    to measure what is held). Every stage draws from the same ``config.seed``, as the reference
-    re-seeds each call.
+    ``texts`` / ``empty_text``: each prompt's and the empty prompt's T5 states ``(1, L, d)``, computed
+    once by the caller and reused by every pixel stage; sr2 encodes with its own CLIP. ``stages``
+    as `checked_stages` returns them (nothing is checked here). Stage by stage: its models are
+    loaded once, run for every prompt, and released before the next stage loads, so one stage's
+    weights are held at a time; ``monitor(stage, params)`` is called once they are loaded (tests
+    use it to measure what is held). Every stage draws from the same ``seed`` for every
+    prompt, as the reference re-seeds each call.
     """
-    stages = [s for s in stages if s != "keyframes"]
-    check_stage_folders(config, ["keyframes", *stages])
-    check_sizes(config, ["keyframes", *stages], *keyframes.shape[:3])
-    texts = {"prompt": prompt, "text": text, "empty": empty_text}
-    rng = jax.random.PRNGKey(config.seed)
-    frames, outputs = keyframes, {}
-    for stage in stages:
-        frames = _RUNNERS[stage](config.cascade, frames, texts, rng, monitor or (lambda *_: None))
-        outputs[stage] = np.asarray(frames, np.float32)
+    if not len(keyframes) == len(prompts) == len(texts):
+        raise ValueError(f"{len(keyframes)} keyframe videos, {len(prompts)} prompts and {len(texts)} text states: "
+                         "need one each per prompt")
+    run = _Run(tuple(prompts), tuple(texts), empty_text, jax.random.PRNGKey(seed), monitor or (lambda *_: None))
+    videos, outputs = list(keyframes), {}
+    for stage in stages if videos else ():  # no prompt: no stage loads its models
+        if stage != "keyframes":
+            videos = _RUNNERS[stage](settings, videos, run)
+            outputs[stage] = [np.asarray(frames, np.float32) for frames in videos]
     return outputs
-
-
-def cascade_config() -> ml_collections.ConfigDict:
-    """``config.cascade``: stage folders (empty: skipped) and the released settings of each stage."""
-    return ml_collections.ConfigDict(dict(
-        interpolation="", sr1_image="", sr1="", sr2="",
-        interpolation_steps=75, interpolation_guidance=4.0,
-        sr1_image_steps=70, sr1_image_guidance=4.0, sr1_image_noise_level=150,
-        sr1_steps=125, sr1_guidance=7.0, sr1_noise_level=250, sr1_window=8, sr1_stride=7, sr1_scale=4,
-        sr2_steps=50, sr2_guidance=15.0, sr2_strength=0.8, sr2_height=320, sr2_width=576,
-        sr2_negative_prompt="low resolution, blur", fps=8.0,
-    ))

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -75,7 +75,7 @@ def inversion_scheduler(model_scheduler: Scheduler, method: str, config_path: st
     return model_scheduler
 
 
-def load_keyframe_unet(config: ml_collections.ConfigDict) -> tuple[nn.Module, Any, Scheduler]:
+def load_keyframe_unet(config: jobs_config.Job) -> tuple[nn.Module, Any, Scheduler]:
     """The pretrained keyframe UNet (compute dtype and remat from ``config.train``, attention core from
     ``config.attention``), its params and scheduler.
 
@@ -92,7 +92,7 @@ def load_keyframe_unet(config: ml_collections.ConfigDict) -> tuple[nn.Module, An
     return model, params, schedulers.from_config(os.path.join(config.pretrained, "scheduler"))
 
 
-def training_clip(config: ml_collections.ConfigDict) -> np.ndarray:
+def training_clip(config: jobs_config.Job) -> np.ndarray:
     """The clip the job tunes on, ``(f, h, w, 3)`` in [-1, 1]."""
     d = config.data
     return data.load_clip(config.video, d.num_frames, d.height, d.width, d.stride, d.start, d.reverse)
@@ -160,16 +160,32 @@ def check_file_names(prompt_list: list[str], stages: list[str], out_dir: str) ->
     files.check_name_fits(out_dir, max(stems, key=lambda stem: len(stem.encode())) + f"-999.{VIDEO_FORMATS[0]}")
 
 
-def write_cascade(config: ml_collections.ConfigDict, videos: list[np.ndarray], texts: dict[str, np.ndarray],
-                  prompt_list: list[str], stages: list[str], out_dir: str, overwrite: bool = False) -> list[str]:
-    """Runs the cascade ``stages`` after the keyframe ``videos``; writes ``<i>_<prompt>_<stage>.gif/.mp4``."""
-    by_stage: dict[str, list[np.ndarray]] = {}
-    for video, prompt in zip(videos, prompt_list):
-        outputs = cascade_runner.run_cascade(config, video, prompt, texts[prompt][None], texts[""][None], stages)
-        for stage, frames in outputs.items():
-            by_stage.setdefault(stage, []).append(frames)
-    return [path for stage, stage_videos in by_stage.items()
-            for path in write_videos(stage_videos, prompt_list, out_dir, config.cascade.fps, overwrite, f"_{stage}")]
+class Samples(NamedTuple):
+    """The keyframe videos of some prompts, and the folder their files go to."""
+
+    out_dir: str
+    prompts: list[str]
+    videos: list[np.ndarray]
+
+
+def write_cascade(settings: jobs_config.Cascade, seed: int, stages: list[str], texts: dict[str, np.ndarray],
+                  samples: list[Samples], overwrite: bool = False) -> list[str]:
+    """Runs the cascade ``stages`` after the keyframe videos of all ``samples`` in one run (each stage's
+    models loaded once for all their prompts); writes ``<i>_<prompt>_<stage>.gif/.mp4`` into each one's folder.
+
+    ``texts`` holds the T5 states of "" and of every prompt.
+    """
+    prompt_list = [p for one in samples for p in one.prompts]
+    outputs = cascade_runner.run_cascade(settings, seed, stages, [v for one in samples for v in one.videos],
+                                         prompt_list, [texts[p][None] for p in prompt_list], texts[""][None])
+    written, start = [], 0
+    for one in samples:
+        end = start + len(one.prompts)
+        written += [path for stage, videos in outputs.items()
+                    for path in write_videos(videos[start:end], one.prompts, one.out_dir, settings.fps, overwrite,
+                                             f"_{stage}")]
+        start = end
+    return written
 
 
 def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_list: list[str],
@@ -180,30 +196,30 @@ def generate_prompts(config: ml_collections.ConfigDict, job_dir: str, prompt_lis
 
     Without a checkpoint it refuses, unless ``allow_untuned`` (then the pretrained weights are used).
     """
-    prompt_list = list(prompt_list or config.validation.prompts)
+    job = jobs_config.Job.from_config(config)  # checked once; below, its typed sections
+    prompt_list = list(prompt_list or job.validation.prompts)
     if not prompt_list:
         raise ValueError("no prompt given (--prompt), and config.validation.prompts is empty")
-    jobs_config.Job.from_config(config)
-    stages = cascade_runner.checked_stages(config, stages)  # before any sampling
+    stages = cascade_runner.checked_stages(job, stages)  # before any sampling
     check_file_names(prompt_list, stages, workdir.samples_dir(job_dir, ""))
     store = checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job_dir), strict=strict, create=False)
     step, state = store.restore_latest()
     if step is None and not allow_untuned:
         raise JobError(f"no checkpoint in {store.directory}: run `vmc-jax train` first, "
                        "or pass --allow_untuned to sample with the pretrained weights")
-    model, params, scheduler = load_keyframe_unet(config)
-    tuned, frozen = training.split_params(params, config.train.tuned_params)
+    model, params, scheduler = load_keyframe_unet(job)
+    tuned, frozen = training.split_params(params, job.train.tuned_params)
     if step is None:
         logging.warning("no checkpoint: sampling with the untuned pretrained weights (--allow_untuned)")
     params = jax.device_put(training.merge_params(tuned if step is None else state["tuned"], frozen))
-    texts = prompts.embed_prompts(config.pretrained, ["", config.sampling.negative_prompt, *prompt_list], job_dir)
-    videos = keyframe_videos(model, params, scheduler, training_clip(config), texts, prompt_list, config.inversion,
-                             config.sampling, config.seed)
+    texts = prompts.embed_prompts(job.pretrained, ["", job.sampling.negative_prompt, *prompt_list], job_dir)
+    videos = keyframe_videos(model, params, scheduler, training_clip(job), texts, prompt_list, job.inversion,
+                             job.sampling, job.seed)
     del params  # the keyframe weights are not held while the later stages run
     out_dir = workdir.samples_dir(job_dir, f"generate_{step or 0}")
-    keyframes = write_videos(videos, prompt_list, out_dir, config.sampling.fps)
+    keyframes = write_videos(videos, prompt_list, out_dir, job.sampling.fps)
     _record_prompts(out_dir, {path: prompt for path, prompt in zip(keyframes[::len(VIDEO_FORMATS)], prompt_list)})
-    return keyframes + write_cascade(config, videos, texts, prompt_list, stages, out_dir)
+    return keyframes + write_cascade(job.cascade, job.seed, stages, texts, [Samples(out_dir, prompt_list, videos)])
 
 
 def _record_prompts(out_dir: str, samples: dict[str, str]) -> None:

@@ -27,7 +27,8 @@ from vmc_jax.schedulers import Scheduler
 DenoiseFn = Callable[..., jax.Array]
 
 
-@functools.partial(jax.jit, static_argnames=("scheduler", "denoise_fn", "num_inference_steps"))
+@functools.partial(jax.jit, static_argnames=("scheduler", "denoise_fn", "num_inference_steps", "first_step",
+                                             "shared_noise"))
 def sample_loop(
     scheduler: Scheduler,
     denoise_fn: DenoiseFn,
@@ -36,30 +37,39 @@ def sample_loop(
     rng: jax.Array | None = None,
     noise: jax.Array | None = None,
     denoise_args: tuple = (),
+    first_step: int = 0,
+    shared_noise: bool = False,
 ) -> jax.Array:
     """Denoise x_T into x_0 with `scheduler`'s sampler in one jitted `lax.scan` over the steps.
 
     rng: PRNG key feeding the per-step noise of stochastic samplers (DDPM, DDIM with eta > 0).
-    noise: instead of rng, the per-step noise itself, shape (num_inference_steps, *x_T.shape),
-      to reproduce another implementation's draws. Both are unused by deterministic samplers.
+    noise: instead of rng, the per-step noise itself, shape (steps, *draw), to reproduce another
+      implementation's draws. Both are unused by deterministic samplers.
+    first_step: the run's steps before it are skipped (an img2img strength: x_T is then the data
+      noised to that step's timestep, see `schedulers.step_inputs`).
+    shared_noise: each step draws one noise of shape draw = x_T.shape[1:], shared by every item of
+      the batch (the cascade's windows, which the reference runs as calls re-seeded alike);
+      otherwise draw = x_T.shape.
     Returns float32 x_0 shaped like x_T. See the module docstring for `denoise_fn`.
     """
-    inputs = schedulers.step_inputs(scheduler, num_inference_steps)
+    inputs = schedulers.step_inputs(scheduler, num_inference_steps, first_step)
     x = x_T.astype(jnp.float32)
+    draw_shape = x.shape[1:] if shared_noise else x.shape
     draws = None
     if scheduler.needs_noise:
         if noise is None and rng is None:
             raise ValueError(f"the {scheduler.algorithm} sampler adds noise: pass `rng` (or `noise`)")
-        if noise is not None and noise.shape != (len(inputs.t), *x.shape):
-            raise ValueError(f"noise has shape {noise.shape}, expected {(len(inputs.t), *x.shape)}")
+        if noise is not None and noise.shape != (len(inputs.t), *draw_shape):
+            raise ValueError(f"noise has shape {noise.shape}, expected {(len(inputs.t), *draw_shape)}")
         draws = jax.random.split(rng, len(inputs.t)) if noise is None else noise
 
     def body(carry, step_xs):
         x, state = carry
         step_inputs, draw = step_xs
         model_output = denoise_fn(x, step_inputs.t, *denoise_args)
-        if draw is not None and noise is None:
-            draw = jax.random.normal(draw, x.shape, jnp.float32)
+        if draw is not None:
+            draw = jax.random.normal(draw, draw_shape, jnp.float32) if noise is None else draw
+            draw = jnp.broadcast_to(draw, x.shape)
         return schedulers.step(scheduler, model_output, x, step_inputs, state, draw), None
 
     (x, _), _ = jax.lax.scan(body, (x, schedulers.init_state(scheduler, x)), (inputs, draws))

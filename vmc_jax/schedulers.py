@@ -254,8 +254,12 @@ class StepInputs(NamedTuple):
     second_order: Any  # bool: DPM-Solver++ takes its second-order update
 
 
-def step_inputs(scheduler: Scheduler, num_inference_steps: int) -> StepInputs:
-    """Timesteps, landing timesteps and DPM-Solver++ orders of a run (numpy, static per step count)."""
+def step_inputs(scheduler: Scheduler, num_inference_steps: int, first_step: int = 0) -> StepInputs:
+    """Timesteps, landing timesteps and DPM-Solver++ orders of a run (numpy, static per step count).
+
+    ``first_step`` starts the run later (an img2img strength skips the first steps, as diffusers'
+    ``get_timesteps`` does); the first step taken is first order, with no earlier step to use.
+    """
     t = timesteps(scheduler, num_inference_steps)
     if scheduler.algorithm == "ddim":  # diffusers' DDIM steps back a fixed stride, whatever the spacing
         prev_t = t - scheduler.num_train_timesteps // num_inference_steps
@@ -264,9 +268,9 @@ def step_inputs(scheduler: Scheduler, num_inference_steps: int) -> StepInputs:
     index = np.arange(len(t))
     first_order_final = scheduler.set_alpha_to_one or scheduler.euler_at_final or (
         scheduler.lower_order_final and len(t) < 15)
-    second_order = ((scheduler.algorithm == "dpmsolver++") & (scheduler.solver_order == 2) & (index > 0)
+    second_order = ((scheduler.algorithm == "dpmsolver++") & (scheduler.solver_order == 2) & (index > first_step)
                     & ~((index == len(t) - 1) & first_order_final))
-    return StepInputs(t, np.maximum(prev_t, -1).astype(np.int32), second_order)
+    return StepInputs(t[first_step:], np.maximum(prev_t, -1).astype(np.int32)[first_step:], second_order[first_step:])
 
 
 class MultistepState(NamedTuple):

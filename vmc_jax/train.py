@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import ml_collections
@@ -81,7 +81,8 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool,
         raise ValueError(f"config.mesh.clips={c.mesh.clips}: a one-clip job; give its devices to config.mesh.data, "
                          "or list several clips in config.clips")
     logging.info("mesh: %s; %d clip(s)", parallel.describe(mesh), len(jobs))
-    stages = cascade_runner.checked_stages(c, list(c.validation.stages))  # before any sampling
+    job = jobs_config.Job.from_config(c)
+    stages = cascade_runner.checked_stages(job, list(job.validation.stages))  # before any sampling
     videos = [generate.training_clip(j.config) for j in jobs]  # what can refuse, before the first write
     model, params, scheduler = generate.load_keyframe_unet(c)
     texts = prompts.embed_prompts(c.pretrained, [*(j.train_prompt for j in jobs), "", c.sampling.negative_prompt,
@@ -173,9 +174,8 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool,
             if stopping:  # before this step's validation: a preempted machine has seconds left
                 raise signals.stopped(done, c.train.steps, job_dir)
             if c.validation.every and (done % c.validation.every == 0 or done == c.train.steps):
-                for job, video, one in zip(jobs, videos, each_clip(state)):
-                    _validate(job, video, model, training.merge_params(one.tuned, frozen), scheduler, texts, stages,
-                              done, main)
+                _validate(jobs, videos, model, (training.merge_params(one.tuned, frozen) for one in each_clip(state)),
+                          scheduler, texts, job.cascade, stages, done, main)
                 tick = time.perf_counter()  # steps per second leave validation out
     finally:
         for store in stores:
@@ -205,16 +205,22 @@ def _restore(stores: list[checkpoints.TrainCheckpoints], like: training.TrainSta
     return start, [state for _, state in restored]
 
 
-def _validate(job: _ClipJob, video: np.ndarray, model: Any, params: Any, scheduler: Any, texts: dict[str, np.ndarray],
-              stages: list[str], step: int, main: bool) -> None:
-    """Keyframe samples of the clip's validation prompts (and the later ``stages``) into its samples folder."""
-    c, prompt_list = job.config, list(job.config.validation.prompts)
-    videos = generate.keyframe_videos(model, params, scheduler, video, texts, prompt_list, c.inversion, c.sampling,
-                                      c.seed)
+def _validate(jobs: list[_ClipJob], videos: list[np.ndarray], model: Any, clip_params: Iterable[Any], scheduler: Any,
+              texts: dict[str, np.ndarray], cascade_settings: jobs_config.Cascade, stages: list[str],
+              step: int, main: bool) -> None:
+    """Keyframe samples of each clip's validation prompts (``clip_params``: its tuned weights) into its
+    samples folder, then the later ``stages`` of all of them in one cascade run (each stage loaded once)."""
+    samples = []
+    for job, video, params in zip(jobs, videos, clip_params):
+        c, prompt_list = job.config, list(job.config.validation.prompts)
+        one = generate.Samples(workdir.samples_dir(job.folder, f"step_{step}"), prompt_list,
+                               generate.keyframe_videos(model, params, scheduler, video, texts, prompt_list,
+                                                        c.inversion, c.sampling, c.seed))
+        if main:
+            generate.write_videos(one.videos, prompt_list, one.out_dir, c.sampling.fps, overwrite=True)
+        samples.append(one)
     if main:  # the later stages run on the main process alone (the others wait at the next step)
-        out_dir = workdir.samples_dir(job.folder, f"step_{step}")
-        generate.write_videos(videos, prompt_list, out_dir, c.sampling.fps, overwrite=True)
-        generate.write_cascade(c, videos, texts, prompt_list, stages, out_dir, overwrite=True)
+        generate.write_cascade(cascade_settings, jobs[0].config.seed, stages, texts, samples, overwrite=True)
 
 
 def _log_metrics(paths: list[str] | None, pending: list, schedule, stacked: bool) -> tuple[list[float], list[int]]:

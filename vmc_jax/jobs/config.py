@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vmc_jax import checkpoints, inversion, training
-from vmc_jax.cascade_runner import STAGES
+from vmc_jax.cascade import STAGES
 from vmc_jax.models import attention_core
 from vmc_jax.models.unet_config import UNetConfig
 
