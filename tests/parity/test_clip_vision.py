@@ -5,7 +5,7 @@ import string
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 import transformers
 
 from vmc_jax import clip_metrics
