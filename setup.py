@@ -18,6 +18,7 @@ setup(
         "optax>=0.2.3",
         "orbax-checkpoint>=0.6",
         "transformers>=4.40",
+        "huggingface_hub>=0.23",  # `vmc-jax download`: snapshot_download, its cache, tokens and gated-repo errors
         "einops>=0.8",
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
@@ -34,6 +35,8 @@ setup(
         "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.30"],
         # libtpu: `vmc-jax plan --target=v5e:2x2` compiles for TPU topologies on any host (and runs on TPU VMs).
         "tpu": ["jax[tpu]==0.10.2"],
+        # NVIDIA GPUs (CUDA 12 wheels of jaxlib, cuDNN included).
+        "cuda12": ["jax[cuda12]==0.10.2"],
     },
     entry_points={"console_scripts": ["vmc-jax=vmc_jax.cli:run"]},
 )

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import vmc as vmc_config  # noqa: E402
 from vmc_jax import evaluation, generate, prompts, training, world, world_pretraining  # noqa: E402
 from vmc_jax.conversion.pipeline import convert  # noqa: E402
+from vmc_jax.jobs import config as jobs_config  # noqa: E402
 
 # method -> (loss, tuned subset); None: no tuning, with its starting noise.
 METHODS = {
@@ -101,7 +102,8 @@ def main(argv=None) -> None:
     if not os.path.isdir(config.pretrained):
         hub = world_pretraining.write_pretrained_pipeline(os.path.join(args.workdir, "pipeline_hub"), overwrite=True)
         convert(hub, config.pretrained)
-    model, params, scheduler = generate.load_keyframe_unet(config)
+    job = jobs_config.Job.from_config(config)
+    model, params, scheduler = generate.load_keyframe_unet(job)
     if not args.x0_clipping:
         scheduler = dataclasses.replace(scheduler, thresholding=False, clip_sample=False)
     optimizer = training.make_optimizer(config.train.lr, weight_decay=config.train.weight_decay,
@@ -126,15 +128,9 @@ def main(argv=None) -> None:
                 text = jnp.asarray(texts[prompts.appearance_invariant(prompt)])[None]
                 tuned_params = training.merge_params(
                     tune(steps[method], optimizer, tuned, frozen, clip, text, config.train.steps, seed), frozen)
-            if method == "random_noise":
-                x_T = jax.random.normal(jax.random.PRNGKey(seed), (len(targets), *clip.shape))
-                videos = list(generate.sample_keyframes(
-                    model, params, scheduler, x_T, jnp.stack([texts[p] for p in targets]),
-                    jnp.asarray(texts[""])[None], config.sampling.steps, config.sampling.guidance,
-                    jax.random.PRNGKey(seed + 1)))
-            else:
-                videos = generate.keyframe_videos(model, tuned_params, scheduler, clip, texts, targets,
-                                                   config.inversion, config.sampling, config.seed)
+            start_from = dataclasses.replace(job.sampling, init="random" if method == "random_noise" else "inverted")
+            videos = generate.keyframe_videos(model, tuned_params, scheduler, clip, texts, targets, job.inversion,
+                                              start_from, seed)
             result = evaluation.evaluate_world_clips([(clip + 1) / 2] * len(targets), [prompt] * len(targets),
                                                      [(np.asarray(v) + 1) / 2 for v in videos], targets)
             rows.append({"seed": seed, "motion": motion, "method": method, **result["summary"],

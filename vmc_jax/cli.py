@@ -1,11 +1,14 @@
 """The ``vmc-jax`` command.
 
+    vmc-jax download DST [--stages keyframes,interpolation,sr1,sr2] [--overwrite]   the released weights of
+                                                  each stage from the Hugging Face Hub, converted
     vmc-jax convert SRC DST [--overwrite]         hub pipeline or model folder -> Flax checkpoints
     vmc-jax tiny-pipeline DST [STAGES_DST] [--overwrite]  write a small random Show-1 pipeline (hub format),
                                                   and tiny pipelines of the later cascade stages
     vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...] [--strict]
     vmc-jax generate --workdir W --prompt "..." [--prompt "..."] [--allow_untuned]   keyframes, tuned weights
         [--stages keyframes,interpolation,sr1,sr2]      and the later cascade stages
+        [--init inverted|random]                   from the clip's inverted noise (default) or random noise
     vmc-jax export --workdir W --out FILE.safetensors [--overwrite]               the tuned delta, PyTorch names
     vmc-jax world-pipeline DST [--overwrite]      write the pretrained moving-shapes world pipeline (hub format)
     vmc-jax evaluate --workdir W [--overwrite]    motion and appearance of W's newest `generate` samples
@@ -27,6 +30,7 @@ SIGTERM). Ctrl-C in another command prints one line and exits with 130.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -35,7 +39,7 @@ import sys
 import traceback
 import warnings
 
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 from ml_collections import ConfigDict, config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :arg.",
@@ -43,13 +47,16 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The job's folder: config, checkpoints, metrics, samples.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt to generate (repeatable).")
 _OUT = flags.DEFINE_string("out", None, "The file `export` writes (*.safetensors).")
-_STAGES = flags.DEFINE_list("stages", None, "`generate`: cascade stages, e.g. keyframes,interpolation,sr1,sr2 "
-                            "(default: keyframes and every stage config.cascade gives a folder for).")
+_STAGES = flags.DEFINE_list("stages", None, "`generate`, `download`: cascade stages, e.g. keyframes,interpolation,"
+                            "sr1,sr2 (default: keyframes and every stage config.cascade gives a folder for; "
+                            "`download`: all).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "`convert`, `tiny-pipeline`, `world-pipeline`, `export`, "
                                 "`evaluate`: replace an existing output.")
 _STRICT = flags.DEFINE_bool("strict", False, "Refuse an unreadable latest checkpoint instead of using the previous.")
 _ALLOW_UNTUNED = flags.DEFINE_bool("allow_untuned", False, "`generate`: sample with the pretrained weights "
                                    "when the workdir has no checkpoint.")
+_INIT = flags.DEFINE_enum("init", None, ["inverted", "random"], "`generate`: start from the clip's inverted "
+                          "noise or from random noise (default: config.sampling.init, inverted).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error, and all library logs.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-process job: HOST:PORT of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job: how many processes.")
@@ -62,9 +69,36 @@ _JOIN_TIMEOUT = flags.DEFINE_float("join_timeout", 300, "Multi-process job: seco
 _HEARTBEAT_TIMEOUT = flags.DEFINE_float("heartbeat_timeout", 30, "Multi-process job: seconds of silence after "
                                         "which a peer counts as gone and the job stops.")
 
-COMMANDS = ("convert", "tiny-pipeline", "world-pipeline", "train", "generate", "export", "evaluate", "plan")
+_JOB_FLAGS = ("config", "workdir")
+_MULTI_PROCESS_FLAGS = ("coordinator", "num_processes", "process_id", "multihost", "join_timeout", "heartbeat_timeout")
+# command -> (what it does, its usage, the flags it reads, whether it reads a job config's fields)
+COMMANDS = {
+    "download": ("fetch the released weights of each cascade stage from the Hugging Face Hub and convert them",
+                 "vmc-jax download DST [--stages keyframes,interpolation,sr1,sr2] [--overwrite]",
+                 ("stages", "overwrite"), False),
+    "convert": ("convert a hub pipeline or model folder (PyTorch weights) to Flax checkpoints",
+                "vmc-jax convert SRC DST [--overwrite]", ("overwrite",), False),
+    "tiny-pipeline": ("write a small random Show-1 pipeline (hub layout), and tiny pipelines of the later stages",
+                      "vmc-jax tiny-pipeline DST [STAGES_DST] [--overwrite]", ("overwrite",), False),
+    "world-pipeline": ("write the pretrained moving-shapes world pipeline (hub layout)",
+                       "vmc-jax world-pipeline DST [--overwrite]", ("overwrite",), False),
+    "train": ("tune the keyframe UNet's temporal attention on a clip (resumable; several clips, hosts)",
+              "vmc-jax train --config configs/vmc.py[:clip] --workdir W [--config.<field>=<value> ...]",
+              (*_JOB_FLAGS, "strict", *_MULTI_PROCESS_FLAGS), True),
+    "generate": ("sample keyframe videos for prompts with the tuned weights, then the later cascade stages",
+                 "vmc-jax generate --workdir W --prompt \"...\" [--prompt \"...\"]",
+                 (*_JOB_FLAGS, "prompt", "stages", "init", "allow_untuned", "strict"), True),
+    "export": ("write the tuned weights (the delta) in PyTorch names as safetensors",
+               "vmc-jax export --workdir W --out FILE.safetensors", (*_JOB_FLAGS, "out", "overwrite", "strict"), True),
+    "evaluate": ("measure motion and appearance of the newest generated samples of a moving-shapes world job",
+                 "vmc-jax evaluate --workdir W", (*_JOB_FLAGS, "overwrite"), True),
+    "plan": ("compile the job's programs for a TPU slice, GPUs or CPUs: memory per chip, FLOPs, roofline time",
+             "vmc-jax plan --config configs/vmc.py[:clip] --target=v5e:2x2",
+             ("config", "target", "json", "stages", "all_variants"), True),
+}
 _joined_job = False  # whether this process is one of a multi-process job
 USER_ERROR, RUN_FAILED = 2, 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def _error_text(error: BaseException) -> str:
@@ -169,8 +203,46 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(_unknown_config_override(argv) or str(e).strip().splitlines()[0])
 
 
+def overview() -> str:
+    """``vmc-jax --help``: every command with one line."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:{width}}  {summary}" for name, (summary, *_) in COMMANDS.items()]
+    return ("usage: vmc-jax COMMAND [flags]\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n`vmc-jax COMMAND --help` shows a command's flags (and the config fields it reads).")
+
+
+def command_help(command: str) -> str:
+    """``vmc-jax COMMAND --help``: its usage, its flags with their defaults, and the job config's fields."""
+    summary, usage, names, reads_config = COMMANDS[command]
+    lines = [f"usage: {usage}", "", summary, "", "flags:"]
+    for name in (*names, "verbose"):
+        flag = flags.FLAGS[name]
+        default = "" if flag.default in (None, [], False) else f" (default: {flag.default})"
+        lines.append(f"  --{name:18} {flag.help.splitlines()[0].rstrip(';')}{default}")
+    if reads_config:
+        from vmc_jax.jobs import config as jobs_config
+
+        lines += ["", "config fields (--config.<field>=<value>), by section, with their defaults:"]
+        defaults = jobs_config.defaults()
+        top = [f for f in jobs_config.FIELDS if "." not in f]
+        lines += [f"  {f} = {defaults[f]!r}" for f in top]
+        for section, kind in jobs_config.SECTIONS.items():
+            lines += ["", f"  {section}: {kind.__doc__.splitlines()[0]}"]
+            lines += [f"    {section}.{f.name} = {defaults[section][f.name]!r}" for f in dataclasses.fields(kind)]
+    return "\n".join(lines)
+
+
 def _dispatch(command: str, args: list[str]) -> None:
-    if command == "convert":
+    if command == "download":
+        if len(args) != 1:
+            raise app.UsageError("usage: vmc-jax download DST [--stages keyframes,interpolation,sr1,sr2] [--overwrite]")
+        from vmc_jax.jobs.download import STAGE_REPOSITORIES, download
+
+        folders = download(args[0], _STAGES.value or list(STAGE_REPOSITORIES), overwrite=_OVERWRITE.value)
+        print("converted; a job reads them with:")
+        for field, folder in folders.items():
+            print(f"  --config.{field}={folder}")
+    elif command == "convert":
         if len(args) != 2:
             raise app.UsageError("usage: vmc-jax convert SRC DST [--overwrite]")
         from vmc_jax.conversion.pipeline import convert
@@ -216,7 +288,11 @@ def _dispatch(command: str, args: list[str]) -> None:
     elif command == "generate":
         from vmc_jax.generate import generate_prompts
 
-        for path in generate_prompts(_job_config(), _require(_WORKDIR, "workdir"), _PROMPT.value, _STAGES.value,
+        config = _job_config()
+        if _INIT.value:
+            with config.unlocked():
+                config.sampling.init = _INIT.value
+        for path in generate_prompts(config, _require(_WORKDIR, "workdir"), _PROMPT.value, _STAGES.value,
                                      allow_untuned=_ALLOW_UNTUNED.value, strict=_STRICT.value):
             print(path)
     else:
@@ -232,9 +308,9 @@ def main(argv: list[str]) -> None:
     if not _VERBOSE.value:
         _quiet_logs()
     logging.getLogger().setLevel(logging.INFO)
+    # "12:02:48 INFO step 50/200 ..." rather than absl's "I1202 12:02:48.173926 140197944101760 train.py:111]"
+    absl_logging.get_absl_handler().setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     try:
-        if len(argv) < 2 or argv[1] not in COMMANDS:
-            raise app.UsageError(f"usage: vmc-jax {{{','.join(COMMANDS)}}} ...; see `vmc-jax --help`")
         if argv[1] == "train":
             from vmc_jax import parallel
 
@@ -253,8 +329,25 @@ def main(argv: list[str]) -> None:
         _fail(_error_text(e), RUN_FAILED if isinstance(e, TrainingDiverged) else USER_ERROR)
 
 
+def _help_or_unknown_command(argv: list[str]) -> None:
+    """Answers ``vmc-jax``, ``--help`` / ``-h`` and ``COMMAND --help`` itself (absl's help knows no
+    commands), and an unknown command with the closest one; returns for anything else."""
+    from vmc_jax.jobs.config import did_you_mean
+
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(overview())
+        sys.exit(0 if len(argv) > 1 else USER_ERROR)
+    if argv[1] not in COMMANDS:
+        known = ", ".join(COMMANDS)
+        _fail(f"unknown command {argv[1]!r}{did_you_mean(argv[1], list(COMMANDS))} (commands: {known})")
+    if {"-h", "--help"} & set(argv[2:]):
+        print(command_help(argv[1]))
+        sys.exit(0)
+
+
 def run() -> None:
     """Console entry point."""
+    _help_or_unknown_command(sys.argv)
     if "--verbose" not in sys.argv:
         _quiet_logs()  # before JAX, transformers and orbax are imported
     try:

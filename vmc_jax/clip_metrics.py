@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import json
+import os
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vmc_jax import data, files
 from vmc_jax.loading import load_params, model_config
 from vmc_jax.models.clip_vision import CLIPTextProjectionEncoder, CLIPVisionEncoder
 
@@ -24,6 +27,7 @@ from vmc_jax.models.clip_vision import CLIPTextProjectionEncoder, CLIPVisionEnco
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _WEIGHT_STEMS = ("model", "pytorch_model")
+METRICS = ("clip_text_alignment", "clip_frame_consistency")
 
 
 def load_clip_tower(path: str, tower: type[CLIPVisionEncoder] | type[CLIPTextProjectionEncoder]) -> tuple[Any, dict]:
@@ -106,8 +110,19 @@ class ClipScorer:
     def scores(self, frames: np.ndarray, prompt: str) -> dict[str, float]:
         """The paper's two metrics of one video and its prompt."""
         image_embeds = self.image_embeddings(frames)
-        return {"clip_text_alignment": clip_text_alignment(image_embeds, self.text_embedding(prompt)),
-                "clip_frame_consistency": clip_frame_consistency(image_embeds)}
+        return dict(zip(METRICS, (clip_text_alignment(image_embeds, self.text_embedding(prompt)),
+                                  clip_frame_consistency(image_embeds))))
+
+
+def evaluate_videos(scorer: ClipScorer, samples: Mapping[str, str], out_dir: str | None = None) -> dict[str, Any]:
+    """Both metrics of each video file of ``samples`` (path -> its prompt) and their means as
+    {"summary", "clips"}; given ``out_dir``, written there as ``metrics.json``."""
+    per_clip = [{"video": path, "prompt": prompt, **scorer.scores(data.read_frames(path), prompt)}
+                for path, prompt in samples.items()]
+    result = {"summary": {name: float(np.mean([c[name] for c in per_clip])) for name in METRICS}, "clips": per_clip}
+    if out_dir is not None:
+        files.write_text_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2) + "\n")
+    return result
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vmc_jax import files, world
+from vmc_jax import clip_metrics, files, world
 
 # A frame whose object covers less area than this (pixels) has no object.
 MIN_AREA = 0.5
@@ -327,11 +327,17 @@ def evaluate_workdir(config: Any, job_dir: str, overwrite: bool = False) -> tupl
     with open(index_path, encoding="utf-8") as f:
         listed = json.load(f)
     samples = {os.path.normpath(os.path.join(run_dir, name)): prompt for name, prompt in listed.items()}
-    for prompt in [config.prompt, *samples.values()]:
-        world.parse_prompt(prompt)  # the measures are defined for the moving-shapes world's prompts only
-    d = config.data
+    real = [p for p in [config.prompt, *samples.values()] if not world.is_world_prompt(p)]
+    clip_model = config.evaluation.clip if "evaluation" in config else ""  # a config saved before the field
+    if real and not clip_model:
+        raise ValueError(f"{real[0]!r} is not a moving-shapes world prompt: `evaluate` measures motion and "
+                         "appearance against the world's ground truth; for real videos give a CLIP model for the "
+                         "CLIP metrics (text alignment, frame consistency): --config.evaluation.clip=<CLIPModel folder>")
     out_dir = os.path.join(run_dir, EVALUATION_DIR)
     with files.atomic_dir(out_dir, overwrite) as tmp:
+        if real:
+            return clip_metrics.evaluate_videos(clip_metrics.ClipScorer.load(clip_model), samples, tmp), out_dir
+        d = config.data
         return evaluate_files(config.video, config.prompt, samples, tmp, d.num_frames, d.stride, d.start,
                               d.reverse), out_dir
 

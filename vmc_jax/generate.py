@@ -101,14 +101,18 @@ def training_clip(config: ml_collections.ConfigDict) -> np.ndarray:
 def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: np.ndarray,
                     texts: dict[str, np.ndarray], prompt_list: list[str], inversion_settings: jobs_config.Inversion,
                     sampling_settings: jobs_config.Sampling, seed: int) -> list[np.ndarray]:
-    """Inverts ``clip`` with ``params``, then samples one keyframe video ``(f, h, w, 3)`` in [-1, 1] per prompt.
+    """One keyframe video ``(f, h, w, 3)`` in [-1, 1] per prompt, sampled from the noise ``clip`` inverts to
+    with ``params`` (``sampling_settings.init`` "inverted") or from seeded random noise ("random").
 
     ``texts`` holds the encoder states of "" , the negative prompt and every prompt.
     """
-    inv_scheduler = inversion_scheduler(scheduler, inversion_settings.method, inversion_settings.scheduler)
-    x_T = inversion.ddim_invert(model, params, clip[None], texts[""][None], inv_scheduler, inversion_settings.steps,
-                                method=inversion_settings.method)
     s = sampling_settings
+    if s.init == "random":
+        x_T = jax.random.normal(jax.random.PRNGKey(seed), (1, *clip.shape), jnp.float32)
+    else:
+        inv_scheduler = inversion_scheduler(scheduler, inversion_settings.method, inversion_settings.scheduler)
+        x_T = inversion.ddim_invert(model, params, clip[None], texts[""][None], inv_scheduler,
+                                    inversion_settings.steps, method=inversion_settings.method)
     return [np.asarray(sample_keyframes(model, params, scheduler, x_T, texts[p][None], texts[s.negative_prompt][None],
                                         s.steps, s.guidance, jax.random.PRNGKey(seed))[0], np.float32)
             for p in prompt_list]

@@ -83,6 +83,12 @@ def parse_prompt(prompt: str) -> tuple[str, str, str]:
     return match["colour"], match["shape"], _PLACES[match["place"]]
 
 
+def is_world_prompt(prompt: str) -> bool:
+    """Whether :func:`parse_prompt` reads ``prompt``."""
+    match = _PROMPT.match(prompt.strip().lower())
+    return bool(match) and match["place"] in _PLACES
+
+
 def vocabulary() -> list[str]:
     """Every word a world prompt can use, sorted (for a word-level tokenizer)."""
     words = {"a", "an", "is", "moving", *COLOURS, *SHAPES}

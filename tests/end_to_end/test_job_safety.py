@@ -1,6 +1,7 @@
 """The job layer under bad input and faults (issue 11's table): each case fails fast, in one line, and
 leaves no non-finite checkpoint, no second run in a workdir, no overwritten file, no silent truncation."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import FAST_COMPILE_ENV, REPO, tiny_config
-from vmc_jax import checkpoints, generate, text, train, workdir
+from vmc_jax import checkpoints, cli, generate, prompts, text, train, workdir
 from vmc_jax.jobs import config as jobs_config
 from vmc_jax.conversion import read_state_dict
 from vmc_jax.errors import JobError, TrainingDiverged
@@ -254,6 +255,21 @@ def test_the_job_config_chooses_the_attention_core(tiny_pipeline_flax):
     assert model.attention_impl == "blocked"
 
 
+def test_sampling_from_random_noise_ignores_the_clip_and_from_inverted_noise_follows_it(tiny_pipeline_flax,
+                                                                                       tmp_path):
+    """``sampling.init`` ("generate --init"): "random" starts every clip from the same seeded noise."""
+    job = jobs_config.Job.from_config(tiny_config(tiny_pipeline_flax))
+    model, params, scheduler = generate.load_keyframe_unet(job)
+    texts = prompts.embed_prompts(job.pretrained, ["", "a cat"], str(tmp_path))
+    clip = generate.training_clip(job)
+    videos = {init: [generate.keyframe_videos(model, params, scheduler, c, texts, ["a cat"], job.inversion,
+                                              dataclasses.replace(job.sampling, init=init), job.seed)[0]
+                     for c in (clip, clip[::-1])] for init in jobs_config.SAMPLING_INITS}
+    np.testing.assert_array_equal(*videos["random"])
+    assert np.abs(videos["inverted"][0] - videos["inverted"][1]).max() > 0.1
+    assert np.abs(videos["inverted"][0] - videos["random"][0]).max() > 0.1
+
+
 def test_pretrained_must_be_a_converted_pipeline(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no unet/"):
         jobs_config.Job.from_config(tiny_config(str(tmp_path)))
@@ -316,6 +332,27 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     result = vmc_jax_cli(*[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.splitlines() == [f"vmc-jax: error: {message.format(tmp=tmp_path)}"]
+
+
+def test_cli_help_lists_the_commands_and_each_commands_flags_and_config_fields():
+    top = vmc_jax_cli("--help")
+    assert top.returncode == 0 and all(f"\n  {name} " in top.stdout for name in cli.COMMANDS), top.stdout
+    assert vmc_jax_cli("-h").stdout == top.stdout
+    bare = vmc_jax_cli()
+    assert bare.returncode == 2 and bare.stdout == top.stdout
+    train = vmc_jax_cli("train", "--help")
+    assert train.returncode == 0 and train.stdout.startswith("usage: vmc-jax train --config")
+    assert "  --workdir " in train.stdout and "  --join_timeout " in train.stdout
+    assert "    train.lr = 0.0001" in train.stdout and "    cascade.sr1_window = 8" in train.stdout
+    convert = vmc_jax_cli("convert", "--help")
+    assert convert.returncode == 0 and "--overwrite" in convert.stdout and "config fields" not in convert.stdout
+
+
+def test_cli_unknown_command_gets_the_closest_one_in_one_line():
+    result = vmc_jax_cli("trian", "--workdir", "w")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "vmc-jax: error: unknown command 'trian'; did you mean \"train\"? (commands: " + ", ".join(cli.COMMANDS) + ")"]
 
 
 def test_cli_verbose_adds_the_traceback(tmp_path):

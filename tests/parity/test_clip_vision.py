@@ -1,14 +1,17 @@
 """CLIP vision tower and projections: live parity with transformers (torch, CPU, fp32) on small random
 configs with every parameter randomised, exact round trips to torch names, and the CLIP metrics."""
 
+import json
+import os
 import string
 
 import numpy as np
 import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+import ml_collections
 import transformers
 
-from vmc_jax import clip_metrics
+from vmc_jax import clip_metrics, data, evaluation, generate
 from vmc_jax.clip_metrics import ClipScorer, clip_frame_consistency, clip_text_alignment, load_clip_tower
 from vmc_jax.conversion import flax_to_torch
 from vmc_jax.models.clip_vision import CLIPTextProjectionEncoder, CLIPVisionEncoder
@@ -123,6 +126,26 @@ def test_metrics_of_a_whole_clip_model_match_its_logits(clip_model_folder):
     scores = scorer.scores(frames, "a red square")
     assert abs(scores["clip_text_alignment"] - expected_alignment) < TOLERANCE
     assert abs(scores["clip_frame_consistency"] - expected_consistency) < TOLERANCE
+
+
+def test_evaluate_on_a_real_video_job_runs_the_clip_metrics_or_says_what_it_needs(clip_model_folder, tmp_path):
+    folder, _ = clip_model_folder
+    frames = np.random.default_rng(7).integers(0, 256, (4, 40, 48, 3), dtype=np.uint8)
+    samples = tmp_path / "job" / "samples" / "generate_4"
+    samples.mkdir(parents=True)
+    data.save_video(frames.astype(np.float32) / 127.5 - 1, str(samples / "0_a_tank.gif"))
+    (samples / generate.SAMPLES_INDEX).write_text(json.dumps({"0_a_tank.gif": "a tank is moving on the snow"}))
+    config = ml_collections.ConfigDict({"prompt": "a car is moving", "evaluation": {"clip": ""}})
+    with pytest.raises(ValueError, match=r"^'a car is moving' is not a moving-shapes world prompt: .* for real "
+                                         r"videos give a CLIP model .*--config.evaluation.clip="):
+        evaluation.evaluate_workdir(config, str(tmp_path / "job"))
+    config.evaluation.clip = folder
+    result, out = evaluation.evaluate_workdir(config, str(tmp_path / "job"))
+    expected = ClipScorer.load(folder).scores(data.read_frames(str(samples / "0_a_tank.gif")),
+                                              "a tank is moving on the snow")
+    assert result["summary"] == pytest.approx(expected, abs=1e-6)
+    with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+        assert json.load(f)["clips"][0]["prompt"] == "a tank is moving on the snow"
 
 
 def test_frame_consistency_and_alignment_on_known_embeddings():

@@ -26,6 +26,7 @@ Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it, or No
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # train.compute_dtype -> dtype
 LR_SCHEDULES = ("constant", "linear", "cosine")
 NON_FINITE_POLICIES = ("stop", "skip")
+SAMPLING_INITS = ("inverted", "random")
 PIPELINE_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 CASCADE_STAGE_FIELDS = ("interpolation", "sr1_image", "sr1", "sr2")
 
@@ -158,8 +159,10 @@ class Inversion:
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Keyframe sampling: DDIM steps, classifier-free guidance, negative prompt, and the videos' frame rate."""
+    """Keyframe sampling: where it starts, DDIM steps, classifier-free guidance, negative prompt, frame rate."""
 
+    # "inverted": the clip's DDIM-inverted noise (VMC); "random": seeded noise (the model's own baseline)
+    init: str = _field("inverted", _one_of(SAMPLING_INITS))
     steps: int = _field(75, _at_least(1))
     guidance: float = _field(9.0, _of_type(int, float))
     negative_prompt: str = _field("", _of_type(str))
@@ -195,6 +198,13 @@ class Cascade:
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """``vmc-jax evaluate``: the world evaluator on world jobs; on real videos, the CLIP metrics with this model."""
+
+    clip: str = _field("", _optional_path)  # a hub CLIPModel folder (e.g. openai/clip-vit-base-patch32)
+
+
+@dataclasses.dataclass(frozen=True)
 class Clip:
     """One of several clips tuned at once (``config.clips.<name>``): its video and prompts."""
 
@@ -204,7 +214,7 @@ class Clip:
 
 
 SECTIONS = {"data": Data, "train": Train, "mesh": Mesh, "validation": Validation, "inversion": Inversion,
-            "sampling": Sampling, "cascade": Cascade}
+            "sampling": Sampling, "cascade": Cascade, "evaluation": Evaluation}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +237,7 @@ class Job:
     inversion: Inversion = dataclasses.field(default_factory=Inversion)
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
     cascade: Cascade = dataclasses.field(default_factory=Cascade)
+    evaluation: Evaluation = dataclasses.field(default_factory=Evaluation)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Job":

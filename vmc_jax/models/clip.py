@@ -39,12 +39,18 @@ class CLIPTextEncoderConfig:
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "CLIPTextEncoderConfig":
         """Reads a transformers ``config.json`` dict (from ``source``, for errors); missing fields take
         transformers' defaults, other keys are transformers' own and ignored."""
-        result = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
-        checked(source, hf_activation, result.hidden_act)  # fail at load time, not at the first call
-        if result.hidden_size % result.num_attention_heads:
-            raise ValueError(f"{source}: hidden_size {result.hidden_size} is not divisible by "
-                             f"num_attention_heads {result.num_attention_heads}")
-        return result
+        return read_transformer_config(cls, raw, source)
+
+
+def read_transformer_config(cls: type, raw: Mapping[str, Any], source: str) -> Any:
+    """The ``cls`` dataclass of a transformers config dict: its fields found in ``raw`` (the rest take
+    their defaults), with the activation and the head split checked at load time, not at the first call."""
+    result = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+    checked(source, hf_activation, result.hidden_act)
+    if result.hidden_size % result.num_attention_heads:
+        raise ValueError(f"{source}: hidden_size {result.hidden_size} is not divisible by "
+                         f"num_attention_heads {result.num_attention_heads}")
+    return result
 
 
 class CLIPAttention(nn.Module):

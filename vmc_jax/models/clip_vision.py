@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.clip import CLIPEncoder, CLIPTextEncoderConfig, CLIPTextTransformer
+from vmc_jax.models.clip import CLIPEncoder, CLIPTextEncoderConfig, CLIPTextTransformer, read_transformer_config
 from vmc_jax.models.layers import Dtype, layer_norm
-from vmc_jax.models.t5 import checked, hf_activation
 
 
 def _tower_config(config: Mapping[str, Any], nested: str) -> dict[str, Any]:
@@ -55,11 +54,7 @@ class CLIPVisionConfig:
         """Reads a ``clip_vision_model`` (or whole ``clip``) ``config.json`` dict (from ``source``, for
         errors); checks what would fail later."""
         raw = _tower_config(raw, "vision_config")
-        result = cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
-        checked(source, hf_activation, result.hidden_act)
-        if result.hidden_size % result.num_attention_heads:
-            raise ValueError(f"{source}: hidden_size {result.hidden_size} is not divisible by "
-                             f"num_attention_heads {result.num_attention_heads}")
+        result = read_transformer_config(cls, raw, source)
         if result.image_size % result.patch_size:
             raise ValueError(f"{source}: image_size {result.image_size} is not divisible by "
                              f"patch_size {result.patch_size}")
