@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 import vmc_jax
 from vmc_jax.conversion import read_state_dict
 from vmc_jax.loading import build_unet
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 KEYFRAMES = os.path.join(FIXTURES, "show1_keyframes", "unet")
 WEIGHTS = "diffusion_pytorch_model.fp16.safetensors"

@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from configs import world as world_config
+from helpers import REPO
 from vmc_jax import schedulers, training, world_pretraining
 from vmc_jax.conversion.pipeline import convert
 from vmc_jax.loading import load_unet
@@ -158,7 +159,7 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
 def test_command_line_bad_value_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vmc_jax.world_pretraining", "--config", "configs/world.py:test",
                              "--workdir", str(tmp_path), "--config.model.prediction_type=x0"],
-                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                            capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "world_pretraining: error: model.prediction_type 'x0': expected one of ('epsilon', 'v_prediction', 'sample')")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import vmc_jax
-from conftest import FIXTURES
+from helpers import FIXTURES
 from vmc_jax import generate, sampling, schedulers
 
 TOL = 1e-4

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from helpers import REPO, tiny_config
 from vmc_jax import data, evaluation, files, generate, prompts, text, world, world_pretraining
 
 # How long the first of two racing runs waits for the second to finish: long enough for an unlocked

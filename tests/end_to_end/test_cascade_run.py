@@ -16,11 +16,11 @@ from flax import traverse_util
 from configs import vmc as vmc_configs
 import vmc_jax.text
 import vmc_jax.vae
+from helpers import REPO
 from vmc_jax import cascade_runner, data
 from vmc_jax.jobs import config as jobs_config
 from vmc_jax.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small frames keep the four stages to seconds: keyframes 8x16 -> sr1 32x64 -> sr2 16x32.
 SIZES = dict(height=8, width=16, sr2_height=16, sr2_width=32)
 STAGES = ["keyframes", "interpolation", "sr1", "sr2"]

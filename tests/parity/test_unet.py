@@ -21,22 +21,7 @@ import pytest
 import vmc_jax
 from vmc_jax.conversion import read_state_dict
 from vmc_jax.models.resnet import TemporalConv
-from vmc_jax.training import merge_params, split_params
-from conftest import SHOW1_FIXTURES, channels_last, fixture_inputs, load_fixture
-
-OUTPUT_ATOL = 1e-4
-GRAD_RTOL = 1e-4
-
-
-def output_and_tuned_grads(model, params, io):
-    """The output and the gradient of sum(out * grad_proj) w.r.t. the tuned params, in one program."""
-    tuned, frozen = split_params(params)
-
-    def run(tuned, inputs, proj):
-        out, pullback = jax.vjp(lambda t: model.apply({"params": merge_params(t, frozen)}, *inputs), tuned)
-        return out, pullback(proj)[0]
-
-    return jax.jit(run)(tuned, fixture_inputs(io), channels_last(io["grad_proj"]))
+from helpers import GRAD_RTOL, OUTPUT_ATOL, SHOW1_FIXTURES, fixture_inputs, load_fixture, output_and_tuned_grads
 
 
 @pytest.fixture(scope="module", params=SHOW1_FIXTURES)

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from vmc_jax import checkpoints, generate, training, workdir, world
 from vmc_jax.export import export_tuned
 from vmc_jax.train import train_and_evaluate

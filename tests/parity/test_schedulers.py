@@ -2,12 +2,12 @@
 
 import json
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+import diffusers
 
 from vmc_jax import schedulers
 

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 import vmc_jax
 from vmc_jax import cascade, schedulers
 from vmc_jax.tiny_pipeline import make_tiny_cascade
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "cascade")
+FIXTURES = os.path.join(helpers.FIXTURES, "cascade")
 ATOL = 1e-4
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import FAST_COMPILE_ENV, REPO, tiny_config
+from helpers import FAST_COMPILE_ENV, REPO, tiny_config
 from vmc_jax import checkpoints, cli, generate, prompts, text, train, workdir
 from vmc_jax.jobs import config as jobs_config
 from vmc_jax.conversion import read_state_dict
@@ -493,6 +493,6 @@ class _Payload:
 
 def pickled_bin(path, marker):
     """A torch.save'd .bin holding a tensor and an object whose unpickling would create ``marker``."""
-    import torch
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 
     torch.save({"conv_in.weight": torch.zeros(1), "payload": _Payload(marker)}, str(path))

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 from huggingface_hub.errors import GatedRepoError
 
-from conftest import REPO
+from helpers import REPO
 from vmc_jax.errors import JobError
 from vmc_jax.jobs import download
 from vmc_jax.tiny_pipeline import make_tiny_pipeline

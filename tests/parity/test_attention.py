@@ -4,7 +4,7 @@ against the PyTorch reference with blocked attention, and with the CPU kernel, e
 
 Measured on the CPU: blocked vs plain within 6e-7 (outputs) and 2e-6 (gradients) at these
 sizes, the CPU kernel within 1e-6 and 3e-6; the keyframe fixture with either within the
-tolerances of tests/test_unet.py. The CPU kernel is built here (a C++ compiler is part of
+tolerances of tests/parity/test_unet.py. The CPU kernel is built here (a C++ compiler is part of
 this project's test environment), so its tests fail, saying why, where it cannot be.
 """
 
@@ -21,7 +21,7 @@ from vmc_jax import cpu_kernels
 from vmc_jax.models import attention_core
 from vmc_jax.models.attention import attend
 from vmc_jax.models.attention_core import dot_product_attention, resolve_implementation
-from tests.test_unet import GRAD_RTOL, OUTPUT_ATOL, load_fixture, output_and_tuned_grads
+from helpers import GRAD_RTOL, OUTPUT_ATOL, load_fixture, output_and_tuned_grads
 
 PARITY_ATOL = 1e-5
 LONG = 512  # q_len * k_len = LONG**2 is above BLOCKED_MIN_SCORES

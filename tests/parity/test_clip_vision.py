@@ -7,7 +7,7 @@ import string
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 import ml_collections
 import transformers
 

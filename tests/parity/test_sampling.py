@@ -6,13 +6,13 @@ float32 table, plus a rational nonlinearity; where a model has learned-variance 
 x / (1 + |x|). Arrays are channels last here and channels first for diffusers.
 """
 
-import diffusers
-import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+import diffusers
+import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm
 
 from vmc_jax import schedulers
 from vmc_jax.sampling import classifier_free_guidance, sample_loop

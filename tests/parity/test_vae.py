@@ -8,12 +8,12 @@ compared too. The model goes through ``save_pretrained`` and ``load_vae`` like a
 import copy
 import json
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+import diffusers
 from safetensors.torch import save_file
 
 from vmc_jax import checkpoints

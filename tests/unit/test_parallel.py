@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CLIP
+from helpers import CLIP
 from vmc_jax import data, parallel, schedulers, tiny_pipeline, training
 from vmc_jax.loading import build_unet
 

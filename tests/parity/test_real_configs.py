@@ -13,12 +13,13 @@ import os
 import jax
 import pytest
 
+from helpers import REPO
 from vmc_jax.loading import build_unet
 from vmc_jax.models.vae import AutoencoderKL, VAEConfig
 from vmc_jax.text import text_encoder_from_config
 from vmc_jax.weights import abstract_params
 
-MODELS = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "models")
+MODELS = os.path.join(REPO, "configs", "models")
 
 
 def _config(part: str) -> dict:

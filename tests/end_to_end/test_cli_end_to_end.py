@@ -8,7 +8,7 @@ import sys
 import numpy as np
 from safetensors.numpy import load_file
 
-from conftest import FAST_COMPILE_ENV, REPO
+from helpers import FAST_COMPILE_ENV, REPO
 from vmc_jax import data
 from vmc_jax.conversion import read_state_dict
 

@@ -15,13 +15,14 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from helpers import FIXTURES
 from vmc_jax import checkpoints, schedulers
 from vmc_jax.conversion.pipeline import convert
 from vmc_jax.loading import load_unet
 from vmc_jax.text import load_text_encoder, load_tokenizer
 from vmc_jax.tiny_pipeline import PROMPTS, T5_CONFIG, make_synthetic_clip, make_tiny_pipeline
 
-KEYFRAMES_UNET = os.path.join(os.path.dirname(__file__), "fixtures", "show1_keyframes", "unet")
+KEYFRAMES_UNET = os.path.join(FIXTURES, "show1_keyframes", "unet")
 MODEL_COMPONENTS = ("text_encoder", "unet")
 COPIED_COMPONENTS = ("scheduler", "tokenizer")
 
@@ -93,6 +94,7 @@ def test_tiny_pipeline_is_a_hub_show1_pipeline(pipelines):
     """transformers loads the text encoder with no missing or unexpected keys, the tokenizer has a
     piece per prompt word, the schedule is Show-1's, and no UNet parameter is all zeros (so the
     temporal convs do not start as an identity)."""
+    pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
     import transformers
 
     hub, _, _ = pipelines
@@ -149,6 +151,7 @@ def test_overwrite_replaces_a_converted_model(pipelines, tmp_path):
 
 
 def test_vae_folder(tmp_path):
+    pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
     diffusers = pytest.importorskip("diffusers")
     from vmc_jax.vae import load_vae
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 import transformers
 from safetensors.numpy import save_file
 

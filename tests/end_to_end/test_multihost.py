@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import CLIP, FAST_COMPILE_ENV, REPO
+from helpers import CLIP, FAST_COMPILE_ENV, REPO
 
 STEPS = 8
 DELTA_RTOL = 1e-4  # of each tensor's largest change

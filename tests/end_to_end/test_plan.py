@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from helpers import REPO, tiny_config
 
 from vmc_jax import parallel, plan, tiny_pipeline, training
 from vmc_jax.loading import load_unet

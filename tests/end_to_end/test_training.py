@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import CLIP, tiny_config
+from helpers import CLIP, tiny_config
 from vmc_jax import data, parallel, schedulers, tiny_pipeline, train, training
 from vmc_jax.loading import build_unet
 

@@ -6,7 +6,7 @@ random. Measured: max abs error 3.0e-6 (zeroscope-like) and 2.7e-6 (IF-II-like);
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 from diffusers import UNet2DConditionModel, UNet3DConditionModel
 
 import vmc_jax

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from vmc_jax import xla_cpu
-from test_unet import OUTPUT_ATOL
+from helpers import OUTPUT_ATOL, REPO
 
 MEASURED = xla_cpu.MEASURED_JAXLIB[0] + "2"
 FLAG = xla_cpu.CPU_FLAGS[0]
@@ -72,10 +72,11 @@ def test_a_mesh_over_several_cpu_devices_is_refused_after_the_flag_was_set_here(
 KEYFRAMES_WITH_FLAGS = """
 import os, sys
 sys.path.insert(0, {tests!r})
-import conftest  # the tests' float32 matmul precision (XLA_FLAGS is set to one device below)
+import helpers  # XLA_FLAGS is set to one device below
 import jax, numpy as np
-model, params, io, _ = conftest.load_fixture("show1_keyframes")
-out = jax.jit(lambda p, *a: model.apply({{"params": p}}, *a))(params, *conftest.fixture_inputs(io))
+jax.config.update("jax_default_matmul_precision", "highest")  # as conftest.py sets it for the tests
+model, params, io, _ = helpers.load_fixture("show1_keyframes")
+out = jax.jit(lambda p, *a: model.apply({{"params": p}}, *a))(params, *helpers.fixture_inputs(io))
 print(os.environ["XLA_FLAGS"])
 print(float(np.abs(np.asarray(out) - np.moveaxis(io["out"], 1, -1)).max()))
 """
@@ -85,7 +86,7 @@ def test_the_keyframe_unet_matches_the_reference_under_the_flags():
     """JAX starts with the flags (XLA aborts on unknown ones) and the fixture parity holds."""
     env = {k: v for k, v in os.environ.items() if k != "VMC_JAX_XLA_CPU_FLAGS"}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    code = KEYFRAMES_WITH_FLAGS.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    code = KEYFRAMES_WITH_FLAGS.format(tests=os.path.join(REPO, "tests"))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     flags, error = done.stdout.strip().splitlines()[-2:]

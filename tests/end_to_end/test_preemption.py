@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CLIP, FAST_COMPILE_ENV, REPO, tiny_config
+from helpers import CLIP, FAST_COMPILE_ENV, REPO, tiny_config
 from vmc_jax import checkpoints, files, generate, preemption, train, training, workdir, world_pretraining
 from vmc_jax.errors import TrainingStopped
 

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 from diffusers import DDIMScheduler
 
 from vmc_jax import inversion, sampling, schedulers
-from conftest import fixture_inputs, load_fixture
+from helpers import fixture_inputs, load_fixture
 
 RELEASED_INVERSION_CONFIG = inversion.RELEASED_INVERSION_SCHEDULER
 

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+from helpers import REPO
 
 
 def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
     """The script's printed commands, each split back into its arguments."""
-    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), "--dry-run", *args],
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", script), "--dry-run", *args],
                             env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return [shlex.split(line) for line in result.stdout.splitlines()]
 
@@ -58,10 +58,10 @@ def test_tpu_queued_spot_capacity():
 
 def test_tpu_mount_needs_a_bucket_and_unknown_commands_are_refused():
     env = {k: v for k, v in os.environ.items() if k != "BUCKET"}
-    result = subprocess.run(["bash", os.path.join(ROOT, "scripts/tpu/vmc_tpu.sh"), "--dry-run", "mount"],
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts/tpu/vmc_tpu.sh"), "--dry-run", "mount"],
                             env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "set BUCKET=gs://" in result.stderr
-    result = subprocess.run(["bash", os.path.join(ROOT, "scripts/tpu/vmc_tpu.sh"), "--dry-run", "launch"],
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts/tpu/vmc_tpu.sh"), "--dry-run", "launch"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
 
@@ -94,7 +94,7 @@ def test_local_multihost_stops_every_process_it_started(tmp_path):
     pids = tmp_path / "pids"
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PIDS": str(pids), "GRACE": "1",
            "LOGDIR": str(tmp_path / "logs")}
-    script = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "local_multihost.sh"), "2", "train"], env=env,
+    script = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "local_multihost.sh"), "2", "train"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 30
     while (not pids.exists() or len(pids.read_text().split()) < 4) and time.time() < deadline:
@@ -118,7 +118,7 @@ def test_local_multihost_lets_processes_that_stopped_with_a_checkpoint_finish(tm
                                       'sleep 1; echo finished > "$LOGDIR/late"; exit 3\n')
     (tmp_path / "vmc-jax").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "LOGDIR": str(tmp_path / "logs")}
-    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "local_multihost.sh"), "2", "train"], env=env,
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "local_multihost.sh"), "2", "train"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 3, result.stderr
     assert (tmp_path / "logs" / "late").read_text() == "finished\n"
