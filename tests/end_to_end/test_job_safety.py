@@ -340,10 +340,10 @@ def test_cli_help_lists_the_commands_and_each_commands_flags_and_config_fields()
     assert vmc_jax_cli("-h").stdout == top.stdout
     bare = vmc_jax_cli()
     assert bare.returncode == 2 and bare.stdout == top.stdout
-    train = vmc_jax_cli("train", "--help")
-    assert train.returncode == 0 and train.stdout.startswith("usage: vmc-jax train --config")
-    assert "  --workdir " in train.stdout and "  --join_timeout " in train.stdout
-    assert "    train.lr = 0.0001" in train.stdout and "    cascade.sr1_window = 8" in train.stdout
+    train_help = vmc_jax_cli("train", "--help")
+    assert train_help.returncode == 0 and train_help.stdout.startswith("usage: vmc-jax train --config")
+    assert "  --workdir " in train_help.stdout and "  --join_timeout " in train_help.stdout
+    assert "    train.lr = 0.0001" in train_help.stdout and "    cascade.sr1_window = 8" in train_help.stdout
     convert = vmc_jax_cli("convert", "--help")
     assert convert.returncode == 0 and "--overwrite" in convert.stdout and "config fields" not in convert.stdout
 
