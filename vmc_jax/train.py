@@ -1,5 +1,5 @@
-"""The VMC tuning loop: tune the keyframe UNet's temporal attention on one clip (or several at once),
-validate, checkpoint.
+"""The VMC tuning job: tune the keyframe UNet's temporal attention on one clip (or several at once),
+validate, checkpoint; its steps run in the loop of `vmc_jax.jobs.loop`.
 
 ``train_and_evaluate(config, workdir)`` is what ``vmc-jax train`` runs. A killed run started
 again with the same workdir resumes from its last readable checkpoint and ends bit-identical to
@@ -9,7 +9,7 @@ preempted VM, a scheduler, Ctrl-C) stops it after the current step with a checkp
 process of a job at the same step (`vmc_jax.preemption`).
 
 The step runs under ``jit`` on the ``config.mesh`` devices (`vmc_jax.parallel`), on one host or
-several: every process runs this loop, feeds its own rows of the batch and writes its part of
+several: every process runs the loop, feeds its own rows of the batch and writes its part of
 each checkpoint; only the main process holds the lock and writes the config, metrics and samples.
 """
 
