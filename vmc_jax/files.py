@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import shutil
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 
 _RANDOM_BYTES = 4
@@ -116,6 +116,12 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: dict[str,
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(content)
     return path
+
+
+def append_json_lines(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Appends ``rows`` to the JSON-lines log ``path``, one line each."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def drop_log_rows_after(path: str, step: int) -> None:

@@ -1,5 +1,5 @@
-"""The VMC tuning loop: tune the keyframe UNet's temporal attention on one clip (or several at once),
-validate, checkpoint.
+"""The VMC tuning job: tune the keyframe UNet's temporal attention on one clip (or several at once),
+validate, checkpoint; its steps run in the loop of `vmc_jax.jobs.loop`.
 
 ``train_and_evaluate(config, workdir)`` is what ``vmc-jax train`` runs. A killed run started
 again with the same workdir resumes from its last readable checkpoint and ends bit-identical to
@@ -9,27 +9,23 @@ preempted VM, a scheduler, Ctrl-C) stops it after the current step with a checkp
 process of a job at the same step (`vmc_jax.preemption`).
 
 The step runs under ``jit`` on the ``config.mesh`` devices (`vmc_jax.parallel`), on one host or
-several: every process runs this loop, feeds its own rows of the batch and writes its part of
+several: every process runs the loop, feeds its own rows of the batch and writes its part of
 each checkpoint; only the main process holds the lock and writes the config, metrics and samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
-from vmc_jax import cascade_runner, checkpoints, files, generate, parallel, preemption, prompts, training, workdir
-from vmc_jax.errors import TrainingDiverged
-from vmc_jax.jobs import config as jobs_config
+from vmc_jax import cascade_runner, checkpoints, generate, parallel, preemption, prompts, training, workdir
+from vmc_jax.jobs import config as jobs_config, loop
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, job_dir: str, strict: bool = False) -> training.TrainState:
@@ -81,8 +77,8 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool,
         raise ValueError(f"config.mesh.clips={c.mesh.clips}: a one-clip job; give its devices to config.mesh.data, "
                          "or list several clips in config.clips")
     logging.info("mesh: %s; %d clip(s)", parallel.describe(mesh), len(jobs))
-    job = jobs_config.Job.from_config(c)
-    stages = cascade_runner.checked_stages(job, list(job.validation.stages))  # before any sampling
+    checked = jobs_config.Job.from_config(c)
+    stages = cascade_runner.checked_stages(checked, list(checked.validation.stages))  # before any sampling
     videos = [generate.training_clip(j.config) for j in jobs]  # what can refuse, before the first write
     model, params, scheduler = generate.load_keyframe_unet(c)
     texts = prompts.embed_prompts(c.pretrained, [*(j.train_prompt for j in jobs), "", c.sampling.negative_prompt,
@@ -135,54 +131,38 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool,
         state = per_clip[0]
     if start is not None:
         logging.info("resumed from step %d", start)
-    for job in jobs if main else ():
-        files.drop_log_rows_after(workdir.metrics_path(job.folder), start or 0)  # a killed run's later rows
     clip_state = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=parallel.replicated(mesh))
 
     def each_clip(state: training.TrainState) -> list[training.TrainState]:
         return [clip_state(state, i) for i in range(len(jobs))] if stacked else [state]
 
+    def validate(state: training.TrainState, step: int) -> None:
+        if c.validation.every and (step % c.validation.every == 0 or step == c.train.steps):
+            _validate(jobs, videos, model, (training.merge_params(one.tuned, frozen) for one in each_clip(state)),
+                      scheduler, texts, checked.cascade, stages, step, main)
+
     train_step = training.make_train_step(model, scheduler, optimizer, c.train.loss, per_clip=stacked)
-    first = int(start or 0)
-    pending, skipped = [], []  # device metrics, fetched every log_every steps so the loop never waits on the host
-    tick = time.perf_counter()
-    try:  # a stopped run still finishes writing its last checkpoint
-        for step in tqdm(range(first, c.train.steps), initial=first, total=c.train.steps,
-                         desc="VMC tuning", unit="step", disable=not main):
-            state, metrics = train_step(state, frozen, clips, text, weights)
-            pending.append((step + 1, metrics))
-            done = step + 1
-            stopping = signals.should_stop(done)
-            checkpointing = stopping or done % c.train.checkpoint_every == 0 or done == c.train.steps
-            if checkpointing or done % c.train.log_every == 0:
-                losses, bad = _log_metrics([workdir.metrics_path(j.folder) for j in jobs] if main else None,
-                                           pending, schedule, stacked)
-                skipped += bad
-                steps_per_s = len(pending) / (time.perf_counter() - tick)  # after the fetch: steps finished
-                logging.info("step %d/%d: loss %s, %.2f steps/s, ETA %.0f s", done, c.train.steps,
-                             " ".join(f"{loss:.4g}" for loss in losses), steps_per_s,
-                             (c.train.steps - done) / steps_per_s)
-                pending, tick = [], time.perf_counter()
-                if skipped and c.train.non_finite == "stop":
-                    raise TrainingDiverged(
-                        f"step {skipped[0]}: the loss or the gradients are not finite (config.train.lr={c.train.lr}); "
-                        f"stopped, last checkpoint: step {stores[0].latest_step()}. Lower the learning rate, or set "
-                        "config.train.non_finite=skip to skip such steps")
-            if checkpointing:
-                for store, one in zip(stores, each_clip(state)):
-                    store.save(done, one)
-            if stopping:  # before this step's validation: a preempted machine has seconds left
-                raise signals.stopped(done, c.train.steps, job_dir)
-            if c.validation.every and (done % c.validation.every == 0 or done == c.train.steps):
-                _validate(jobs, videos, model, (training.merge_params(one.tuned, frozen) for one in each_clip(state)),
-                          scheduler, texts, job.cascade, stages, done, main)
-                tick = time.perf_counter()  # steps per second leave validation out
-    finally:
-        for store in stores:
-            store.wait()
-    if skipped:
-        logging.warning("skipped %d non-finite steps (first: step %d)", len(skipped), skipped[0])
+    metrics = loop.MetricsFiles([workdir.metrics_path(j.folder) for j in jobs], _metric_rows(schedule), stacked)
+    state = loop.run(loop.Settings.from_config(c.train, "VMC tuning"),
+                     lambda state, _: train_step(state, frozen, clips, text, weights), state, start or 0,
+                     _ClipCheckpoints(stores, each_clip), metrics, signals, job_dir, after_step=validate)
     return jax.tree.map(lambda x: x[:len(jobs)], state) if stacked else state
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipCheckpoints:
+    """Each clip's part of the train state in that clip's own store."""
+
+    stores: list[checkpoints.TrainCheckpoints]
+    each_clip: Callable[[training.TrainState], list[training.TrainState]]
+
+    def save(self, step: int, state: training.TrainState) -> None:
+        for store, one in zip(self.stores, self.each_clip(state)):
+            store.save(step, one)
+
+    def wait(self) -> None:
+        for store in self.stores:
+            store.wait()
 
 
 def _restore(stores: list[checkpoints.TrainCheckpoints], like: training.TrainState,
@@ -223,22 +203,10 @@ def _validate(jobs: list[_ClipJob], videos: list[np.ndarray], model: Any, clip_p
         generate.write_cascade(cascade_settings, jobs[0].config.seed, stages, texts, samples, overwrite=True)
 
 
-def _log_metrics(paths: list[str] | None, pending: list, schedule, stacked: bool) -> tuple[list[float], list[int]]:
-    """Appends a row per step to each clip's metrics file (``paths`` None: this process writes
-    nothing); returns each clip's last loss and the steps whose loss or gradients were not finite
-    for some clip (on every process, so all of them stop together)."""
-    fetched = jax.device_get(pending)
-    clips = len(paths) if paths is not None else (len(fetched[-1][1]["loss"]) if stacked else 1)
-    rows, non_finite = [[] for _ in range(clips)], []
-    for step, metrics in fetched:
-        per_clip = [{k: np.asarray(v)[i] for k, v in metrics.items()} for i in range(clips)] if stacked else [metrics]
-        if not all(m["finite"] for m in per_clip):
-            non_finite.append(step)
-        for clip_rows, m in zip(rows, per_clip):
-            clip_rows.append({"step": step, "lr": float(schedule(step - 1)),
-                              **{k: float(v) for k, v in m.items() if k != "finite"}})
-    for path, clip_rows in zip(paths or (), rows):
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in clip_rows)
-    return [clip_rows[-1]["loss"] for clip_rows in rows], non_finite
-
+def _metric_rows(schedule: Callable[[int], Any]) -> Callable[[loop.Fetched, float], list[list[dict[str, float]]]]:
+    """The metrics files' rows: one a step for each clip, with its learning rate."""
+    def rows(fetched: loop.Fetched, seconds_per_step: float) -> list[list[dict[str, float]]]:
+        return [[{"step": step, "lr": float(schedule(step - 1)),
+                  **{k: float(v) for k, v in per_clip[clip].items() if k != "finite"}} for step, per_clip in fetched]
+                for clip in range(len(fetched[0][1]))]
+    return rows

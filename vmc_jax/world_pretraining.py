@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from typing import Any, Sequence
 
 import jax
@@ -31,6 +30,7 @@ import numpy as np
 
 from vmc_jax import checkpoints, files, generate, preemption, prompts, schedulers, tiny_pipeline, training, world
 from vmc_jax.errors import TrainingStopped
+from vmc_jax.jobs import loop
 from vmc_jax.loading import load_unet, to_torch_state_dict
 
 PIPELINE = "pipeline"
@@ -182,42 +182,20 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, signals: preempti
 
     store = checkpoints.TrainCheckpoints(os.path.join(workdir, "checkpoints"))
     resumed, run = store.restore_latest(jax.eval_shape(fresh_run, tuned))
-    start = resumed or 0
-    files.drop_log_rows_after(os.path.join(workdir, METRICS_FILE), start)  # a killed run's later rows
     if resumed is not None:
-        logging.info("resumed from step %d", start)
+        logging.info("resumed from step %d", resumed)
     else:
         run = jax.jit(fresh_run)(tuned)  # one compilation, not one per optimizer-state shape
     step_fn = training.make_train_step(model, scheduler, optimizer, loss_kind="epsilon")
 
-    losses, tick = [], time.perf_counter()
-    deadline = tick + t.time_budget_s if t.time_budget_s else float("inf")
-    for step in range(start, t.steps):
-        clips, ids = batch_for_step(config, step, prompt_index)
+    def step(run: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        clips, ids = batch_for_step(config, i, prompt_index)
         state, metrics = step_fn(run["state"], frozen, clips, table[ids])
-        run = {"state": state, "ema": ema_update(run["ema"], state.tuned, state.step, t.ema_decay)}
-        losses.append(metrics["loss"])
-        done = step + 1
-        signalled = signals.should_stop(done)
-        if signalled or done % t.log_every == 0 or done == t.steps:
-            loss = float(np.mean(jax.device_get(losses)))  # waits for the steps dispatched so far
-            seconds = (time.perf_counter() - tick) / len(losses)  # the first row's include compiling the step
-            row = {"step": done, "loss": loss, "seconds_per_step": seconds}
-            _append_row(os.path.join(workdir, METRICS_FILE), row)
-            logging.info("step %d/%d loss %.4f, %.2f s/step, ETA %.0f s", done, t.steps, row["loss"], seconds,
-                         seconds * (t.steps - done))
-            losses, tick = [], time.perf_counter()
-        stop = ("train.time_budget_s=%s spent" % t.time_budget_s if time.perf_counter() > deadline
-                else "train.stop_at=%d" % t.stop_at if done == t.stop_at else None)
-        if done % t.checkpoint_every == 0 or done == t.steps or stop or signalled:
-            store.save(done, run)
-            store.wait()
-            tick = time.perf_counter()  # the seconds per step leave checkpointing out
-        if signalled:  # without the export: a preempted machine has seconds left
-            raise signals.stopped(done, t.steps, workdir)
-        if stop:
-            logging.warning("stopped at step %d of %d (%s); run again to resume", done, t.steps, stop)
-            break
+        return {"state": state, "ema": ema_update(run["ema"], state.tuned, state.step, t.ema_decay)}, metrics
+
+    metrics = loop.MetricsFiles([os.path.join(workdir, METRICS_FILE)], _metric_rows)
+    run = loop.run(loop.Settings.from_config(t, "world pretraining"), step, run, resumed or 0, store, metrics,
+                   signals, workdir)
     export_unet(model, run["ema"], os.path.join(pipeline, "unet"), EXPORT_DTYPES[config.export_dtype])
     return pipeline
 
@@ -259,9 +237,10 @@ def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
     return files.write_safetensors(os.path.join(folder, UNET_WEIGHTS), state_dict, metadata={"format": "pt"})
 
 
-def _append_row(path: str, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+def _metric_rows(fetched: loop.Fetched, seconds_per_step: float) -> list[list[dict[str, float]]]:
+    """The loss log's row of the fetched steps: their mean loss (the first row's seconds include compiling)."""
+    loss = float(np.mean([per_clip[0]["loss"] for _, per_clip in fetched]))
+    return [[{"step": fetched[-1][0], "loss": loss, "seconds_per_step": seconds_per_step}]]
 
 
 def main(argv: list[str]) -> None:
