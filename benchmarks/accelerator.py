@@ -34,8 +34,8 @@ DTYPES = ("float32", "bfloat16")
 def write_wide_unet(model: str, widths: list[int], folder: str) -> str:
     """A random-weight copy of ``model``'s UNet config with ``widths`` as its block channels."""
     sys.path.insert(0, REPO)
-    from vmc_jax.loading import build_unet
-    from vmc_jax.tiny_pipeline import write_random_model
+    from vmc_jax.hub.tiny_pipeline import write_random_model
+    from vmc_jax.hub.unet_loading import build_unet
 
     config = read_config(model)
     if len(widths) != len(config["block_out_channels"]):

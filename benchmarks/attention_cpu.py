@@ -36,7 +36,7 @@ def jax_times(shape, implementation: str, repeats: int):
     import jax
     import jax.numpy as jnp
 
-    from vmc_jax.models import attention_core
+    from vmc_jax.kernels import attention_core
 
     batch, q_len, k_len, heads, d = shape
     keys = jax.random.split(jax.random.PRNGKey(0), 4)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmc_jax import inversion, schedulers
-from vmc_jax.loading import load_unet
+from vmc_jax import keyframe_sampling, schedulers
+from vmc_jax.hub.unet_loading import load_unet
 
 
 def main() -> None:
@@ -32,19 +32,19 @@ def main() -> None:
     x0 = jax.random.uniform(jax.random.PRNGKey(0), (1, args.frames, args.height, args.width, c.in_channels),
                             minval=-1, maxval=1)
     text = jax.random.normal(jax.random.PRNGKey(1), (1, 77, c.encoder_hid_dim or c.cross_attention_dim[0]))
-    scheduler = schedulers.from_config(inversion.RELEASED_INVERSION_SCHEDULER)
+    scheduler = schedulers.from_config(keyframe_sampling.RELEASED_INVERSION_SCHEDULER)
 
-    jax.block_until_ready(inversion.ddim_invert(model, params, x0, text, scheduler, args.steps))  # compile
+    jax.block_until_ready(keyframe_sampling.ddim_invert(model, params, x0, text, scheduler, args.steps))  # compile
     start = time.perf_counter()
-    looped = jax.block_until_ready(inversion.ddim_invert(model, params, x0, text, scheduler, args.steps))
+    looped = jax.block_until_ready(keyframe_sampling.ddim_invert(model, params, x0, text, scheduler, args.steps))
     scan_step = (time.perf_counter() - start) / args.steps
 
     @jax.jit
     def one_step(x, t, a_cur, a_next):
         eps = model.apply({"params": params}, x, jnp.full((1,), t), text)[..., : x.shape[-1]]
-        return inversion.inversion_update(x, eps, a_cur, a_next)
+        return keyframe_sampling.inversion_update(x, eps, a_cur, a_next)
 
-    schedule = inversion.inversion_schedule(scheduler, args.steps, "model")
+    schedule = keyframe_sampling.inversion_schedule(scheduler, args.steps, "model")
     jax.block_until_ready(one_step(x0, *(s[0] for s in schedule)))  # compile
     start = time.perf_counter()
     x = x0

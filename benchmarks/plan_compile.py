@@ -1,4 +1,4 @@
-"""Compile time per program of a job for a target (`vmc_jax.plan`), one compile at a time, as JSON.
+"""Compile time per program of a job for a target (`vmc_jax.jobs.plan`), one compile at a time, as JSON.
 
     PYTHONPATH=. python benchmarks/plan_compile.py --config configs/vmc.py:car_forest --target v5e:2x2 \\
         --stages train,keyframes --out benchmarks/plan_compile_v5e.json
@@ -17,7 +17,8 @@ import sys
 
 import jax
 
-from vmc_jax import files, plan
+from vmc_jax import files
+from vmc_jax.jobs import plan
 
 
 def _load_config(spec: str):

@@ -35,7 +35,7 @@ def worker(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, REPO)
     from vmc_jax import parallel, schedulers, training
-    from vmc_jax.loading import load_unet
+    from vmc_jax.hub.unet_loading import load_unet
     mesh = parallel.make_mesh({"clips": 1, "data": -1})
     model, params = load_unet(args.model, dtype=np.float32)
     scheduler = schedulers.from_config({"_class_name": "DDPMScheduler"})

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vmc_jax import schedulers, training
-from vmc_jax.loading import load_unet
+from vmc_jax.hub.unet_loading import load_unet
 
 
 def measure(model, params, compute_dtype, clips, text, repeats: int) -> dict:

@@ -100,8 +100,8 @@ def flax_cases(folder: str, io: dict, attention_impl: str, compute_dtype=None) -
     import jax.numpy as jnp
 
     sys.path.insert(0, REPO)
-    from vmc_jax import inversion, schedulers, training
-    from vmc_jax.loading import load_unet
+    from vmc_jax import keyframe_sampling, schedulers, training
+    from vmc_jax.hub.unet_loading import load_unet
     model, params = load_unet(folder, dtype=np.float32, attention_impl=attention_impl)
     if compute_dtype is not None:
         model = model.clone(dtype=compute_dtype)
@@ -122,12 +122,12 @@ def flax_cases(folder: str, io: dict, attention_impl: str, compute_dtype=None) -
     forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c)).lower(params, x2, t2, text2).compile()
 
     def invert_fn(p, x):
-        return inversion.inversion_update(x, eps(p, x, jnp.array([T_LOW]), text1), a_low, a_high)
+        return keyframe_sampling.inversion_update(x, eps(p, x, jnp.array([T_LOW]), text1), a_low, a_high)
 
     def guided_fn(p, x):
         both = eps(p, jnp.concatenate([x, x]), jnp.array([T_HIGH, T_HIGH]), jnp.asarray(text2))
         guided = both[:1] + GUIDANCE_SCALE * (both[1:] - both[:1])
-        return inversion.inversion_update(x, guided, a_high, a_low)
+        return keyframe_sampling.inversion_update(x, guided, a_high, a_low)
 
     invert = jax.jit(invert_fn).lower(params, x1).compile()
     guided = jax.jit(guided_fn).lower(params, x1).compile()

@@ -2,7 +2,7 @@
 motion to new prompts, on the shipped pretrained world model (``vmc-jax world-pipeline``).
 
 For each seed and each motion, an input clip (random colour, shape and background) and two new
-target prompts; then per method, the target clips and their metrics (vmc_jax.evaluation):
+target prompts; then per method, the target clips and their metrics (vmc_jax.world_evaluation):
 
   random_noise       no tuning, sampled from random noise (what the model does on its own);
   inverted_noise     no tuning, sampled from the clip's DDIM-inverted noise;
@@ -40,9 +40,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import vmc as vmc_config  # noqa: E402
-from vmc_jax import evaluation, generate, prompts, training, world, world_pretraining  # noqa: E402
-from vmc_jax.conversion.pipeline import convert  # noqa: E402
-from vmc_jax.jobs import config as jobs_config  # noqa: E402
+from vmc_jax import prompts, training, world, world_evaluation  # noqa: E402
+from vmc_jax.jobs import config as jobs_config, generate, world_pretraining  # noqa: E402
+from vmc_jax.jobs.convert import convert  # noqa: E402
 
 # method -> (loss, tuned subset); None: no tuning, with its starting noise.
 METHODS = {
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
             start_from = dataclasses.replace(job.sampling, init="random" if method == "random_noise" else "inverted")
             videos = generate.keyframe_videos(model, tuned_params, scheduler, clip, texts, targets, job.inversion,
                                               start_from, seed)
-            result = evaluation.evaluate_world_clips([(clip + 1) / 2] * len(targets), [prompt] * len(targets),
+            result = world_evaluation.evaluate_world_clips([(clip + 1) / 2] * len(targets), [prompt] * len(targets),
                                                      [(np.asarray(v) + 1) / 2 for v in videos], targets)
             rows.append({"seed": seed, "motion": motion, "method": method, **result["summary"],
                          "clips": result["clips"]})

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vmc_jax import evaluation, world, world_pretraining  # noqa: E402
+from vmc_jax import world, world_evaluation  # noqa: E402
+from vmc_jax.jobs import world_pretraining
 
 
 def main(argv=None) -> None:
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
                                 str(rng.choice(list(world.BACKGROUNDS)))) for _ in range(args.prompts)]
     videos = world_pretraining.sample_world(pipeline, args.workdir, prompts, 8, 16, 24, seed=args.seed,
                                             steps=args.steps, guidance=args.guidance, x0_clipping=args.x0_clipping)
-    result = evaluation.evaluate_samples(list(videos), prompts)
+    result = world_evaluation.evaluate_samples(list(videos), prompts)
     print(f"{args.prompts} prompts, {args.steps} DDIM steps, guidance {args.guidance}, "
           f"x0 clipping {'on' if args.x0_clipping else 'off'}:")
     for name, value in result["summary"].items():
@@ -65,7 +66,7 @@ def frame_mean_ratios(pipeline: str, workdir: str, timesteps=(300, 600, 800, 960
     import jax.numpy as jnp
 
     from vmc_jax import prompts as prompt_cache, schedulers
-    from vmc_jax.loading import load_unet
+    from vmc_jax.hub.unet_loading import load_unet
 
     model, params = load_unet(os.path.join(pipeline, "unet"), dtype=np.float32)
     scheduler = schedulers.from_config(os.path.join(pipeline, "scheduler"))

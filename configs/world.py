@@ -1,6 +1,6 @@
 """Pretraining a small Show-1-style keyframe model on the moving-shapes world (vmc_jax.world).
 
-    python -m vmc_jax.world_pretraining --config configs/world.py:16x24 --workdir workdirs/world
+    vmc-jax world-pretrain --config configs/world.py:16x24 --workdir workdirs/world
 
 The argument is the clip size, "<height>x<width>" (16x24 learned motion in the calibration runs of
 issue 13; 40x64 is the real keyframe size), "cpu" for the 16x24 run sized for a 2-core CPU (batch
@@ -10,7 +10,7 @@ can be overridden with ``--config.<field>=<value>``.
 
 import ml_collections
 
-from vmc_jax import world_pretraining
+from vmc_jax.jobs import world_pretraining
 
 
 def get_config(arg: str = "16x24") -> ml_collections.ConfigDict:

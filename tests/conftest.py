@@ -49,8 +49,8 @@ def fast_compile():
 @pytest.fixture(scope="session")
 def tiny_pipeline_flax(tmp_path_factory) -> str:
     """The tiny random Show-1 pipeline, converted: a job's ``config.pretrained``."""
-    from vmc_jax import tiny_pipeline
-    from vmc_jax.conversion.pipeline import convert
+    from vmc_jax.hub import tiny_pipeline
+    from vmc_jax.jobs.convert import convert
 
     root = tmp_path_factory.mktemp("tiny")
     convert(tiny_pipeline.make_tiny_pipeline(str(root / "hub")), str(root / "flax"))

@@ -11,6 +11,7 @@
         [--init inverted|random]                   from the clip's inverted noise (default) or random noise
     vmc-jax export --workdir W --out FILE.safetensors [--overwrite]               the tuned delta, PyTorch names
     vmc-jax world-pipeline DST [--overwrite]      write the pretrained moving-shapes world pipeline (hub format)
+    vmc-jax world-pretrain --config configs/world.py[:cpu] --workdir W   pretrain the world model (resumable)
     vmc-jax evaluate --workdir W [--overwrite]    motion and appearance of W's newest `generate` samples
                                                   (moving-shapes world clips and prompts)
     vmc-jax plan --config configs/vmc.py[:clip] --target=v5e:2x2 [--json=F] [--stages=train,keyframes,cascade]
@@ -92,6 +93,9 @@ COMMANDS = {
                "vmc-jax export --workdir W --out FILE.safetensors", (*_JOB_FLAGS, "out", "overwrite", "strict"), True),
     "evaluate": ("measure motion and appearance of the newest generated samples of a moving-shapes world job",
                  "vmc-jax evaluate --workdir W", (*_JOB_FLAGS, "overwrite"), True),
+    "world-pretrain": ("pretrain the moving-shapes world model from a seed (resumable, in time-budget pieces)",
+                       "vmc-jax world-pretrain --config configs/world.py[:cpu] --workdir W "
+                       "[--config.train.time_budget_s=S]", ("config", "workdir"), False),
     "plan": ("compile the job's programs for a TPU slice, GPUs or CPUs: memory per chip, FLOPs, roofline time",
              "vmc-jax plan --config configs/vmc.py[:clip] --target=v5e:2x2",
              ("config", "target", "json", "stages", "all_variants"), True),
@@ -131,7 +135,7 @@ def _quiet_logs() -> None:
 
 def _job_config() -> ConfigDict:
     """--config if given, else the config the workdir's training run saved."""
-    from vmc_jax import workdir
+    from vmc_jax.jobs import workdir
 
     return _CONFIG.value if _CONFIG.value is not None else workdir.load_config(_require(_WORKDIR, "workdir"))
 
@@ -200,7 +204,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError) as e:
-        _fail(_unknown_config_override(argv) or str(e).strip().splitlines()[0])
+        job_command = len(argv) > 1 and argv[1] in COMMANDS and COMMANDS[argv[1]][3]
+        _fail((_unknown_config_override(argv) if job_command else None) or str(e).strip().splitlines()[0])
 
 
 def overview() -> str:
@@ -245,14 +250,14 @@ def _dispatch(command: str, args: list[str]) -> None:
     elif command == "convert":
         if len(args) != 2:
             raise app.UsageError("usage: vmc-jax convert SRC DST [--overwrite]")
-        from vmc_jax.conversion.pipeline import convert
+        from vmc_jax.jobs.convert import convert
 
         convert(*args, overwrite=_OVERWRITE.value)
     elif command == "tiny-pipeline":
         if len(args) not in (1, 2):
             raise app.UsageError("usage: vmc-jax tiny-pipeline DST [STAGES_DST] [--overwrite]")
         from vmc_jax import files
-        from vmc_jax.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
+        from vmc_jax.hub.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
 
         for folder in args:  # both, before either is written
             files.refuse_existing(folder, _OVERWRITE.value)
@@ -262,31 +267,37 @@ def _dispatch(command: str, args: list[str]) -> None:
     elif command == "world-pipeline":
         if len(args) != 1:
             raise app.UsageError("usage: vmc-jax world-pipeline DST [--overwrite]")
-        from vmc_jax.world_pretraining import write_pretrained_pipeline
+        from vmc_jax.jobs.world_pretraining import write_pretrained_pipeline
 
         print(write_pretrained_pipeline(args[0], overwrite=_OVERWRITE.value))
     elif command == "evaluate":
-        from vmc_jax.evaluation import evaluate_workdir
+        from vmc_jax.jobs.evaluate import evaluate_workdir
 
         result, folder = evaluate_workdir(_job_config(), _require(_WORKDIR, "workdir"), overwrite=_OVERWRITE.value)
         for name, value in result["summary"].items():
             print(f"{name:16} {'-' if value is None else round(value, 3)}")
         print(f"per clip, with side-by-side gifs: {folder}")
+    elif command == "world-pretrain":
+        from vmc_jax.jobs.world_pretraining import pretrain
+
+        if _CONFIG.value is None:
+            raise app.UsageError("--config is required")
+        print(pretrain(_CONFIG.value, _require(_WORKDIR, "workdir")))
     elif command == "plan":
-        from vmc_jax.plan import plan_command, request_cpu_devices
+        from vmc_jax.jobs.plan import plan_command, request_cpu_devices
 
         request_cpu_devices(_require(_TARGET, "target"))
         if _CONFIG.value is None:
             raise app.UsageError("--config is required")
         plan_command(_CONFIG.value, _require(_TARGET, "target"), _JSON.value, _STAGES.value, _ALL_VARIANTS.value)
     elif command == "train":
-        from vmc_jax.train import train_and_evaluate
+        from vmc_jax.jobs.tune import train_and_evaluate
 
         if _CONFIG.value is None:
             raise app.UsageError("--config is required")
         train_and_evaluate(_CONFIG.value, _require(_WORKDIR, "workdir"), strict=_STRICT.value)
     elif command == "generate":
-        from vmc_jax.generate import generate_prompts
+        from vmc_jax.jobs.generate import generate_prompts
 
         config = _job_config()
         if _INIT.value:
@@ -296,7 +307,7 @@ def _dispatch(command: str, args: list[str]) -> None:
                                      allow_untuned=_ALLOW_UNTUNED.value, strict=_STRICT.value):
             print(path)
     else:
-        from vmc_jax.export import export_tuned
+        from vmc_jax.jobs.export import export_tuned
 
         job_dir, out = _require(_WORKDIR, "workdir"), _require(_OUT, "out")
         print(export_tuned(_job_config(), job_dir, out, overwrite=_OVERWRITE.value, strict=_STRICT.value))
@@ -320,7 +331,7 @@ def main(argv: list[str]) -> None:
                                               heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
         _dispatch(argv[1], argv[2:])
     except TrainingStopped as e:
-        from vmc_jax import preemption
+        from vmc_jax.jobs import preemption
 
         preemption.exit_stopped(e, "vmc-jax", ["vmc-jax"])
     except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmc_jax import data, files
-from vmc_jax.loading import load_params, model_config
+from vmc_jax import files, video_io
+from vmc_jax.hub.unet_loading import load_params, model_config
 from vmc_jax.models.clip_vision import CLIPTextProjectionEncoder, CLIPVisionEncoder
 
 # The normalisation every released CLIP uses (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
@@ -91,7 +91,7 @@ class ClipScorer:
     @classmethod
     def load(cls, path: str) -> "ClipScorer":
         """From a hub ``CLIPModel`` folder (tokenizer files in it or in ``tokenizer/``)."""
-        from vmc_jax.text import load_tokenizer  # transformers, needed only for prompts
+        from vmc_jax.hub.text_loading import load_tokenizer  # transformers, needed only for prompts
 
         vision, vision_params = load_clip_tower(path, CLIPVisionEncoder)
         text, text_params = load_clip_tower(path, CLIPTextProjectionEncoder)
@@ -117,7 +117,7 @@ class ClipScorer:
 def evaluate_videos(scorer: ClipScorer, samples: Mapping[str, str], out_dir: str | None = None) -> dict[str, Any]:
     """Both metrics of each video file of ``samples`` (path -> its prompt) and their means as
     {"summary", "clips"}; given ``out_dir``, written there as ``metrics.json``."""
-    per_clip = [{"video": path, "prompt": prompt, **scorer.scores(data.read_frames(path), prompt)}
+    per_clip = [{"video": path, "prompt": prompt, **scorer.scores(video_io.read_frames(path), prompt)}
                 for path, prompt in samples.items()]
     result = {"summary": {name: float(np.mean([c[name] for c in per_clip])) for name in METRICS}, "clips": per_clip}
     if out_dir is not None:

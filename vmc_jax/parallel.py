@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from vmc_jax import peers, xla_cpu
+from vmc_jax import peers
+from vmc_jax.kernels import xla_cpu
 
 AXES = ("clips", "data")
 
@@ -80,7 +81,7 @@ def axis_sizes(sizes: Mapping[str, int], num_devices: int | None = None) -> tupl
 
 def make_mesh(sizes: Mapping[str, int] | None = None, devices: list | None = None) -> Mesh:
     """The ("clips", "data") mesh over all devices of the job (or ``devices``, e.g. a TPU topology's
-    that `vmc_jax.plan` compiles for); default: every device on "data"."""
+    that `vmc_jax.jobs.plan` compiles for); default: every device on "data"."""
     xla_cpu.check_devices(jax.local_devices() if devices is None else devices)
     shape = axis_sizes(sizes or {"data": -1}, None if devices is None else len(devices))
     # Auto axes: XLA propagates the shardings of the inputs through the model (no annotations in it).

@@ -9,7 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-from vmc_jax import files, text
+from vmc_jax import files
+from vmc_jax.hub import text_loading
 
 # Words that start the description of a scene ("... in the forest", "... on the snow").
 _SCENE_WORDS = ("in", "on", "at", "through", "under", "over", "above", "across", "along", "near", "into",
@@ -46,9 +47,9 @@ def embed_prompts(pretrained: str, prompts: Sequence[str], cache_dir: str) -> di
     cached = dict(np.load(path)) if os.path.isfile(path) else {}
     missing = sorted({p for p in prompts if _key(pretrained, p) not in cached})
     if missing:
-        encoder, params = text.load_text_encoder(os.path.join(pretrained, "text_encoder"))
-        tokenizer = text.load_tokenizer(pretrained)
-        hidden, _ = text.encode_prompts(tokenizer, encoder, params, missing)
+        encoder, params = text_loading.load_text_encoder(os.path.join(pretrained, "text_encoder"))
+        tokenizer = text_loading.load_tokenizer(pretrained)
+        hidden, _ = text_loading.encode_prompts(tokenizer, encoder, params, missing)
         new = {_key(pretrained, p): np.asarray(h, np.float32) for p, h in zip(missing, hidden)}
         del encoder, params
         cached.update(new)

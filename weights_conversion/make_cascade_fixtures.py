@@ -2,7 +2,7 @@
 
 A developer tool, not part of the library. It runs, in a reference environment (PyTorch with
 diffusers 0.19.3, see make_show1_fixtures.py), on the tiny random stage pipelines that
-``vmc_jax.tiny_pipeline.make_tiny_cascade`` writes (made first with the project's own venv):
+``vmc_jax.hub.tiny_pipeline.make_tiny_cascade`` writes (made first with the project's own venv):
 
     Show-1's TextToVideoIFInterpPipeline       (--show1-src, imported at run time)
     diffusers' IFSuperResolutionPipeline        (the sr1 first frame, DeepFloyd IF-II)
@@ -112,13 +112,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.show1_src))
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, IFSuperResolutionPipeline,
-                           UNet2DConditionModel, UNet3DConditionModel as ModelScopeUNet, VideoToVideoSDPipeline)
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, IFSuperResolutionPipeline, UNet2DConditionModel,
+                           UNet3DConditionModel as ModelScopeUNet, VideoToVideoSDPipeline)
     from showone.models import UNet3DConditionModel
     from showone.pipelines import TextToVideoIFInterpPipeline
     from showone.pipelines.pipeline_t2v_sr_pixel_cond import TextToVideoIFSuperResolutionPipeline_Cond
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.set_grad_enabled(False)
     torch.set_default_dtype(torch.float64)  # the golden outputs are the reference's exact (float64) answer

@@ -12,14 +12,14 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-
-from configs import vmc as vmc_configs
-import vmc_jax.text
-import vmc_jax.vae
 from helpers import REPO
-from vmc_jax import cascade_runner, data
-from vmc_jax.jobs import config as jobs_config
-from vmc_jax.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
+
+import vmc_jax.hub.text_loading
+import vmc_jax.hub.vae_loading
+from configs import vmc as vmc_configs
+from vmc_jax import video_io
+from vmc_jax.hub.tiny_pipeline import make_tiny_cascade, make_tiny_pipeline
+from vmc_jax.jobs import cascade_runner, config as jobs_config
 
 # Small frames keep the four stages to seconds: keyframes 8x16 -> sr1 32x64 -> sr2 16x32.
 SIZES = dict(height=8, width=16, sr2_height=16, sr2_width=32)
@@ -66,7 +66,7 @@ def test_generate_writes_every_stage(tiny, tmp_path):
         for ext in ("gif", "mp4"):
             path = str(tmp_path / "run" / "samples" / "generate_0" / f"0_a_blue_square_is_moving_{stage}.{ext}")
             assert path in printed
-            assert data.read_frames(path).shape == (*size, 3), (stage, ext)
+            assert video_io.read_frames(path).shape == (*size, 3), (stage, ext)
 
 
 def test_wrong_stage_folder_is_refused_before_sampling(tiny, tmp_path):
@@ -144,8 +144,8 @@ def test_each_stage_loads_its_models_once_for_all_prompts(tiny, monkeypatch):
         return load
 
     monkeypatch.setattr(cascade_runner, "load_unet", counted(cascade_runner.load_unet))
-    monkeypatch.setattr(vmc_jax.vae, "load_vae", counted(vmc_jax.vae.load_vae))
-    monkeypatch.setattr(vmc_jax.text, "load_text_encoder", counted(vmc_jax.text.load_text_encoder))
+    monkeypatch.setattr(vmc_jax.hub.vae_loading, "load_vae", counted(vmc_jax.hub.vae_loading.load_vae))
+    monkeypatch.setattr(vmc_jax.hub.text_loading, "load_text_encoder", counted(vmc_jax.hub.text_loading.load_text_encoder))
     rng = np.random.default_rng(1)
     keyframes = [rng.uniform(-1, 1, (8, 8, 16, 3)).astype(np.float32) for _ in range(2)]
     texts = [rng.normal(size=(1, 77, 32)).astype(np.float32) for _ in range(3)]

@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+from helpers import FAST_COMPILE_ENV, REPO
 from safetensors.numpy import load_file
 
-from helpers import FAST_COMPILE_ENV, REPO
-from vmc_jax import data
-from vmc_jax.conversion import read_state_dict
-
+from vmc_jax import video_io
+from vmc_jax.hub.conversion import read_state_dict
 
 
 def test_demo_script_runs_the_whole_flow(tmp_path):
@@ -32,7 +31,7 @@ def test_demo_script_runs_the_whole_flow(tmp_path):
     for folder, name in (("step_4", "0_a_blue_square_is_moving"),
                          ("generate_4", "0_a_blue_square_is_moving_on_the_snow")):
         for ext in ("gif", "mp4"):
-            frames = data.read_frames(str(run / "samples" / folder / f"{name}.{ext}"))
+            frames = video_io.read_frames(str(run / "samples" / folder / f"{name}.{ext}"))
             assert frames.shape == (8, 40, 64, 3), (folder, ext, frames.shape)
 
     delta = load_file(str(run / "vmc_delta.safetensors"))

@@ -4,16 +4,15 @@ and its refusals: a gated repository, one missing from an offline cache, a part 
 import os
 import subprocess
 import sys
-
 from unittest import mock
 
 import pytest
+from helpers import REPO
 from huggingface_hub.errors import GatedRepoError
 
-from helpers import REPO
 from vmc_jax.errors import JobError
+from vmc_jax.hub.tiny_pipeline import make_tiny_pipeline
 from vmc_jax.jobs import download
-from vmc_jax.tiny_pipeline import make_tiny_pipeline
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

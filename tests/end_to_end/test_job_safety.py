@@ -14,13 +14,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from helpers import FAST_COMPILE_ENV, REPO, tiny_config
-from vmc_jax import checkpoints, cli, generate, prompts, text, train, workdir
-from vmc_jax.jobs import config as jobs_config
-from vmc_jax.conversion import read_state_dict
+
+from vmc_jax import cli, prompts
 from vmc_jax.errors import JobError, TrainingDiverged
-from vmc_jax.export import export_tuned
+from vmc_jax.hub import text_loading
+from vmc_jax.hub.conversion import read_state_dict
+from vmc_jax.jobs import checkpoints, config as jobs_config, generate, tune, workdir
+from vmc_jax.jobs.export import export_tuned
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -31,7 +32,7 @@ def trained(tiny_pipeline_flax, tmp_path_factory):
     job = str(tmp_path_factory.mktemp("job"))
     config = tiny_config(tiny_pipeline_flax, steps=2)
     config.train.checkpoint_every = 1
-    train.train_and_evaluate(config, job)
+    tune.train_and_evaluate(config, job)
     return config, job
 
 
@@ -51,7 +52,7 @@ def test_non_finite_run_stops_with_finite_checkpoints_only(tiny_pipeline_flax, t
     config = tiny_config(tiny_pipeline_flax, steps=4)
     config.train.lr, config.train.checkpoint_every = 1e30, 1
     with pytest.raises(TrainingDiverged, match=r"^step 2: the loss or the gradients are not finite"):
-        train.train_and_evaluate(config, str(tmp_path))
+        tune.train_and_evaluate(config, str(tmp_path))
     saved = leaves_of_checkpoints(str(tmp_path))
     assert sorted(saved) == [1]
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in saved[1])
@@ -62,7 +63,7 @@ def test_skip_policy_counts_non_finite_steps_and_keeps_the_weights(tiny_pipeline
     config = tiny_config(tiny_pipeline_flax, steps=3)
     config.train.lr, config.train.checkpoint_every, config.train.non_finite = 1e30, 1, "skip"
     with caplog.at_level(logging.WARNING):
-        state = train.train_and_evaluate(config, str(tmp_path))
+        state = tune.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 3
     assert "skipped 2 non-finite steps (first: step 2)" in caplog.text
     saved = leaves_of_checkpoints(str(tmp_path))
@@ -95,7 +96,7 @@ def test_a_second_training_run_on_a_busy_workdir_is_refused(trained, tmp_path):
         with open(tmp_path / workdir.LOCK_FILE, "w") as f:
             json.dump({"pid": holder.pid, "host": socket.gethostname()}, f)
         with pytest.raises(JobError, match=rf"{tmp_path} is in use by a training run \(pid {holder.pid} on "):
-            train.train_and_evaluate(config, str(tmp_path))
+            tune.train_and_evaluate(config, str(tmp_path))
     finally:
         holder.kill()
         holder.wait()
@@ -108,7 +109,7 @@ def test_a_training_run_refused_for_its_video_writes_nothing(tiny_pipeline_flax,
     (tmp_path / "notes.txt").write_text("mine")
     before = listing(tmp_path)
     with pytest.raises(ValueError, match=r"has \d+ frames; num_frames=1000"):
-        train.train_and_evaluate(config, str(tmp_path))
+        tune.train_and_evaluate(config, str(tmp_path))
     assert listing(tmp_path) == before  # no config.json, prompt_embeddings.npz or lock
 
 
@@ -194,7 +195,7 @@ def test_training_resumes_past_a_corrupt_latest_checkpoint(trained, tmp_path):
     broken = str(tmp_path / "job")
     shutil.copytree(job, broken)
     corrupt_step(broken, 2)
-    resumed = train.train_and_evaluate(config, broken)
+    resumed = tune.train_and_evaluate(config, broken)
     assert int(resumed.step) == 2
     assert os.listdir(workdir.checkpoints_dir(broken) + ".unreadable") == ["2"]
     original, again = leaves_of_checkpoints(job), leaves_of_checkpoints(broken)
@@ -205,7 +206,9 @@ def test_training_resumes_past_a_corrupt_latest_checkpoint(trained, tmp_path):
 FULL_DISK = """
 import resource, signal, sys
 import numpy as np
-from vmc_jax import cli, checkpoints
+from vmc_jax import cli
+from vmc_jax.hub import converted_store
+from vmc_jax.jobs import checkpoints
 from vmc_jax.errors import JobError
 cli._quiet_logs()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -276,11 +279,11 @@ def test_pretrained_must_be_a_converted_pipeline(tmp_path):
 
 
 def test_a_prompt_longer_than_the_encoder_reads_is_warned_about(tiny_pipeline_flax, caplog):
-    tokenizer = text.load_tokenizer(tiny_pipeline_flax)
-    encoder, params = text.load_text_encoder(os.path.join(tiny_pipeline_flax, "text_encoder"))
+    tokenizer = text_loading.load_tokenizer(tiny_pipeline_flax)
+    encoder, params = text_loading.load_text_encoder(os.path.join(tiny_pipeline_flax, "text_encoder"))
     long_prompt = " ".join(["a red square is moving"] * 120)
     with caplog.at_level(logging.WARNING):
-        text.encode_prompts(tokenizer, encoder, params, ["short", long_prompt])
+        text_loading.encode_prompts(tokenizer, encoder, params, ["short", long_prompt])
     ours = [r.getMessage() for r in caplog.records if "the text encoder reads only the first 77" in r.getMessage()]
     n_tokens = len(tokenizer(long_prompt.lower())["input_ids"])
     assert n_tokens > 77 and ours == [f"prompt {long_prompt[:60] + '...'!r} is {n_tokens} tokens; "

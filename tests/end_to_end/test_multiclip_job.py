@@ -8,11 +8,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-
 from helpers import tiny_config
-from vmc_jax import checkpoints, generate, training, workdir, world
-from vmc_jax.export import export_tuned
-from vmc_jax.train import train_and_evaluate
+
+from vmc_jax import training, world
+from vmc_jax.jobs import checkpoints, generate, workdir
+from vmc_jax.jobs.export import export_tuned
+from vmc_jax.jobs.tune import train_and_evaluate
 
 NAMES = ("a", "b", "c", "d")
 

@@ -15,9 +15,11 @@ import threading
 import ml_collections
 import numpy as np
 import pytest
-
 from helpers import REPO, tiny_config
-from vmc_jax import data, evaluation, files, generate, prompts, text, world, world_pretraining
+
+from vmc_jax import files, prompts, video_io, world
+from vmc_jax.hub import text_loading
+from vmc_jax.jobs import evaluate, generate, world_pretraining
 
 # How long the first of two racing runs waits for the second to finish: long enough for an unlocked
 # second run to finish (it writes two tiny files); a locked one waits for the first instead.
@@ -47,7 +49,7 @@ def test_temporary_files_match_no_final_name_and_never_stay(tmp_path):
 def test_written_files_honour_the_umask(tmp_path, umask, mask):
     umask(mask)
     tensors = files.write_safetensors(str(tmp_path / "w.safetensors"), {"w": np.ones(3, np.float32)})
-    data.save_video(np.zeros((2, 8, 8, 3), np.float32), str(tmp_path / "v.gif"))
+    video_io.save_video(np.zeros((2, 8, 8, 3), np.float32), str(tmp_path / "v.gif"))
     files.write_text_atomic(str(tmp_path / "t.json"), "{}")
     for path in (tensors, tmp_path / "v.gif", tmp_path / "t.json"):
         assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~mask), path
@@ -126,7 +128,7 @@ def test_two_generate_runs_at_once_keep_both_videos_and_prompts(tiny_pipeline_fl
     monkeypatch.setattr(generate, "keyframe_videos",
                         lambda *args: [np.full((2, 8, 8, 3), shades[args[5][0]], np.float32)])
     race = Race(monkeypatch)
-    race.hold(data, "save_video")
+    race.hold(video_io, "save_video")
     results = race.run(lambda: generate.generate_prompts(config, job, ["a cat!"], allow_untuned=True),
                        lambda: generate.generate_prompts(config, job, ["a cat?"], allow_untuned=True))
     assert [os.path.basename(p) for p in results["first"]] == ["0_a_cat.gif", "0_a_cat.mp4"]
@@ -135,14 +137,14 @@ def test_two_generate_runs_at_once_keep_both_videos_and_prompts(tiny_pipeline_fl
     with open(os.path.join(folder, generate.SAMPLES_INDEX), encoding="utf-8") as f:
         assert json.load(f) == {"0_a_cat.gif": "a cat!", "0_a_cat-2.gif": "a cat?"}
     for name, prompt in (("0_a_cat.gif", "a cat!"), ("0_a_cat-2.gif", "a cat?")):  # each file holds its own video
-        pixels = data.read_frames(os.path.join(folder, name)).astype(np.float32) / 127.5 - 1
+        pixels = video_io.read_frames(os.path.join(folder, name)).astype(np.float32) / 127.5 - 1
         np.testing.assert_allclose(pixels, shades[prompt], atol=0.01)
 
 
 def test_two_runs_at_once_keep_every_prompt_embedding(tiny_pipeline_flax, tmp_path, monkeypatch):
     """The first run is held while encoding; the second writes the cache meanwhile."""
     race = Race(monkeypatch)
-    race.hold(text, "encode_prompts")
+    race.hold(text_loading, "encode_prompts")
     race.run(lambda: prompts.embed_prompts(tiny_pipeline_flax, ["a red square is moving"], str(tmp_path)),
              lambda: prompts.embed_prompts(tiny_pipeline_flax, ["a blue square is moving"], str(tmp_path)))
     cached = np.load(tmp_path / prompts.CACHE_FILE)
@@ -154,12 +156,12 @@ def world_job(tmp_path):
     prompt = world.prompt_for("red", "square", "snow")
     clip = world.make_clip(0, 4, 16, 24, colour="red", shape="square", background="snow")
     video = str(tmp_path / "clip.gif")
-    data.save_video(clip.video * 2 - 1, video)
+    video_io.save_video(clip.video * 2 - 1, video)
     job = tmp_path / "job"
     for step in (10, 3):
         folder = job / "samples" / f"generate_{step}"
         folder.mkdir(parents=True)
-        data.save_video(clip.video * 2 - 1, str(folder / "0_x.gif"))
+        video_io.save_video(clip.video * 2 - 1, str(folder / "0_x.gif"))
         # one sample listed under two spellings of its name
         (folder / generate.SAMPLES_INDEX).write_text(json.dumps({"0_x.gif": prompt, "./0_x.gif": prompt}))
     frames = {"num_frames": 4, "stride": 1, "start": 0, "reverse": False}
@@ -168,16 +170,16 @@ def world_job(tmp_path):
 
 def test_evaluate_writes_beside_the_newest_step_and_counts_each_sample_once(tmp_path):
     config, job = world_job(tmp_path)
-    result, folder = evaluation.evaluate_workdir(config, job)
-    assert folder == os.path.join(job, "samples", "generate_10", evaluation.EVALUATION_DIR)
+    result, folder = evaluate.evaluate_workdir(config, job)
+    assert folder == os.path.join(job, "samples", "generate_10", evaluate.EVALUATION_DIR)
     assert result["summary"]["clips"] == 1
     with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
         assert json.load(f) == json.loads(json.dumps(result))
     assert sorted(os.listdir(folder)) == ["0_side_by_side.gif", "metrics.json"]
     assert sorted(os.listdir(job)) == ["samples"]
     with pytest.raises(FileExistsError, match=re.escape(f"{folder} exists; pass --overwrite")):
-        evaluation.evaluate_workdir(config, job)
-    assert evaluation.evaluate_workdir(config, job, overwrite=True)[1] == folder
+        evaluate.evaluate_workdir(config, job)
+    assert evaluate.evaluate_workdir(config, job, overwrite=True)[1] == folder
 
 
 def test_world_pipeline_is_never_written_over_an_existing_folder(tmp_path):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from helpers import REPO, tiny_config
 
-from vmc_jax import parallel, plan, tiny_pipeline, training
-from vmc_jax.loading import load_unet
+from vmc_jax import parallel, training
+from vmc_jax.hub import tiny_pipeline
+from vmc_jax.hub.unet_loading import load_unet
+from vmc_jax.jobs import plan
 from vmc_jax.schedulers import from_config
 
 
@@ -33,7 +35,7 @@ def train_plan(tiny_hub, fast_compile):
 def test_plan_equals_the_memory_analysis_of_the_jobs_compiled_step_on_concrete_inputs(train_plan, tiny_hub):
     config, target, planned = train_plan
     c = config
-    # the train step as train.py builds and places it, on real (small) arrays
+    # the train step as jobs/tune.py builds and places it, on real (small) arrays
     model, params = load_unet(f"{tiny_hub}/unet", dtype=np.float32)
     model = model.clone(remat=c.train.remat)
     mesh = parallel.make_mesh(c.mesh, devices=target.devices)
@@ -92,7 +94,7 @@ def test_tpu_topology_compiles_the_tiny_train_step(tiny_hub, fast_compile):
 
 
 def test_attention_auto_resolves_for_the_backend_being_planned(monkeypatch):
-    from vmc_jax.models import attention_core
+    from vmc_jax.kernels import attention_core
 
     seen = []
     resolve = attention_core.resolve_implementation

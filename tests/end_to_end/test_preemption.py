@@ -26,10 +26,11 @@ import types
 import jax
 import numpy as np
 import pytest
-
 from helpers import CLIP, FAST_COMPILE_ENV, REPO, tiny_config
-from vmc_jax import checkpoints, files, generate, preemption, train, training, workdir, world_pretraining
+
+from vmc_jax import files, training
 from vmc_jax.errors import TrainingStopped
+from vmc_jax.jobs import checkpoints, generate, preemption, tune, workdir, world_pretraining
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, local multi-process jobs")
 STEPS = 8
@@ -98,7 +99,7 @@ def test_train_stops_at_each_moment_with_a_checkpoint_and_resumes_bit_identical(
                                                                                  one_compiled_step, python_sigint):
     config = tiny_config(tiny_pipeline_flax, steps=STEPS)
     config.train.checkpoint_every = 3
-    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    whole = tune.train_and_evaluate(config, str(tmp_path / "whole"))
     job = str(tmp_path / "job")
     handlers = {signum: signal.getsignal(signum) for signum in preemption.SIGNALS}
 
@@ -109,13 +110,13 @@ def test_train_stops_at_each_moment_with_a_checkpoint_and_resumes_bit_identical(
     ]
     for (owner, name, call), signum, step in moments:
         with signal_after_call(owner, name, call, signum), pytest.raises(TrainingStopped) as stopped:
-            train.train_and_evaluate(config, job)
+            tune.train_and_evaluate(config, job)
         assert str(stopped.value) == (f"stopped by {signal.Signals(signum).name} after step {step} of {STEPS}, "
                                       f"its checkpoint written in {job}")
         assert_stopped_cleanly(job, step)
         assert {signum: signal.getsignal(signum) for signum in preemption.SIGNALS} == handlers
 
-    resumed = train.train_and_evaluate(config, job)
+    resumed = tune.train_and_evaluate(config, job)
     assert_same_bits(resumed, whole)
     with open(workdir.metrics_path(job)) as a, open(workdir.metrics_path(str(tmp_path / "whole"))) as b:
         assert a.read() == b.read()
@@ -257,7 +258,7 @@ def two_processes(pretrained: str, job: str, logs: str, env: dict[str, str]) -> 
 
 def test_two_processes_stop_after_the_same_step_and_resume(tiny_pipeline_flax, tmp_path):
     """Behaviour only (a 1-process resume is compared bit for bit above, a 2-process one after a kill in
-    tests/test_multihost.py); no compilation cache: here a 2-process resume from cached executables
+    end_to_end/test_multihost.py); no compilation cache: here a 2-process resume from cached executables
     failed to set up its gloo collectives ("Gloo context initialization failed"), a fresh compile did not."""
     env, job = cli_env(2, cache=None), str(tmp_path / "job")
     runs = two_processes(tiny_pipeline_flax, job, str(tmp_path / "stopped"), env)
@@ -276,23 +277,23 @@ def test_two_processes_stop_after_the_same_step_and_resume(tiny_pipeline_flax, t
 
 
 def test_world_pretraining_stops_with_exit_3_and_its_checkpoint_and_resumes(tmp_path, compile_cache):
-    """Behaviour (a resume of world pretraining is compared bit for bit in tests/test_world_pretraining.py)."""
+    """Behaviour (a resume of world pretraining is compared bit for bit in end_to_end/test_world_pretraining.py)."""
     folder = str(tmp_path / "world")
-    command = ["python", "-m", "vmc_jax.world_pretraining", "--config", "configs/world.py:test", "--workdir", folder,
+    command = ["vmc-jax", "world-pretrain", "--config", "configs/world.py:test", "--workdir", folder,
                "--config.data.num_frames=4", "--config.data.height=8", "--config.data.width=16",
                f"--config.train.steps={STEPS}"]
     metrics = os.path.join(folder, world_pretraining.METRICS_FILE)
-    run = Run([sys.executable, *command[1:]], str(tmp_path / "stopped.log"), cli_env(1, compile_cache))
+    run = Run(command, str(tmp_path / "stopped.log"), cli_env(1, compile_cache))
     run.wait_until(logged(metrics, 1), "a logged step")
     run.signal(signal.SIGTERM)
     code, line = run.finish()
     assert code == preemption.EXIT_CODE, line
-    match = stopped_line("world_pretraining", folder).fullmatch(line)
+    match = stopped_line("vmc-jax", folder).fullmatch(line)
     assert match and shlex.split(match[3]) == command, line
     step = int(match[2])
     assert checkpoints.TrainCheckpoints(os.path.join(folder, "checkpoints")).restore_latest()[0] == step
     assert metric_steps(metrics) == list(range(1, step + 1))
 
-    code, line = Run([sys.executable, *command[1:]], str(tmp_path / "resumed.log"), cli_env(1, compile_cache)).finish()
+    code, line = Run(command, str(tmp_path / "resumed.log"), cli_env(1, compile_cache)).finish()
     assert code == 0, line
     assert metric_steps(metrics) == list(range(1, STEPS + 1))

@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-
 from helpers import CLIP, tiny_config
-from vmc_jax import data, parallel, schedulers, tiny_pipeline, train, training
-from vmc_jax.loading import build_unet
+
+from vmc_jax import parallel, schedulers, training, video_io
+from vmc_jax.hub import tiny_pipeline
+from vmc_jax.hub.unet_loading import build_unet
+from vmc_jax.jobs import tune
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -21,7 +23,7 @@ def tiny():
     model = build_unet(tiny_pipeline.UNET_CONFIG)
     params = tiny_pipeline.random_params(model, 0)
     scheduler = schedulers.from_config(tiny_pipeline.SCHEDULER_CONFIG)
-    clip = jnp.asarray(data.load_clip(CLIP, 4, 16, 32))[None]
+    clip = jnp.asarray(video_io.load_clip(CLIP, 4, 16, 32))[None]
     text = jax.random.normal(jax.random.PRNGKey(3), (1, 6, tiny_pipeline.UNET_CONFIG["encoder_hid_dim"]))
     return model, params, scheduler, clip, text
 
@@ -74,7 +76,7 @@ def test_loss_falls_on_a_fixed_clip(tiny):
 
 
 def test_killed_run_resumes_bit_identical(tiny_pipeline_flax, tmp_path, monkeypatch):
-    uninterrupted = train.train_and_evaluate(tiny_config(tiny_pipeline_flax), str(tmp_path / "a"))
+    uninterrupted = tune.train_and_evaluate(tiny_config(tiny_pipeline_flax), str(tmp_path / "a"))
 
     real = training.make_train_step
 
@@ -90,9 +92,9 @@ def test_killed_run_resumes_bit_identical(tiny_pipeline_flax, tmp_path, monkeypa
 
     monkeypatch.setattr(training, "make_train_step", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(tiny_config(tiny_pipeline_flax), str(tmp_path / "b"))
+        tune.train_and_evaluate(tiny_config(tiny_pipeline_flax), str(tmp_path / "b"))
     monkeypatch.setattr(training, "make_train_step", real)
-    resumed = train.train_and_evaluate(tiny_config(tiny_pipeline_flax), str(tmp_path / "b"))
+    resumed = tune.train_and_evaluate(tiny_config(tiny_pipeline_flax), str(tmp_path / "b"))
 
     assert int(resumed.step) == int(uninterrupted.step) == 4
     for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
@@ -128,7 +130,7 @@ def test_data_parallel_job_compiles_its_step_once(tiny_pipeline_flax, tmp_path, 
     config = tiny_config(tiny_pipeline_flax, steps=3)
     config.train.batch_size = 4
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
-        state = train.train_and_evaluate(config, str(tmp_path))
+        state = tune.train_and_evaluate(config, str(tmp_path))
     compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
     assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
     assert len(jax.tree.leaves(state.tuned)[0].sharding.device_set) == 4

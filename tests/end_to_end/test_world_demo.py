@@ -14,9 +14,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import vmc as vmc_config
-from vmc_jax import evaluation, generate, prompts, world_pretraining
-from vmc_jax.conversion.pipeline import convert
-from vmc_jax.train import train_and_evaluate
+from vmc_jax import keyframe_sampling, prompts, world_evaluation
+from vmc_jax.jobs import evaluate, generate, world_pretraining
+from vmc_jax.jobs.convert import convert
+from vmc_jax.jobs.tune import train_and_evaluate
 
 TARGETS = vmc_config.WORLD_TARGETS[:2]
 # Mean centroid error of VMC (tuned, from the clip's inverted noise) over that of the untuned model
@@ -53,7 +54,7 @@ def test_vmc_moves_new_objects_along_the_input_path(world_flax, tmp_path):
     generate.generate_prompts(config, job, [])  # the config's prompts
     printed = subprocess.run([sys.executable, "-m", "vmc_jax.cli", "evaluate", "--workdir", job],
                              capture_output=True, text=True, check=True).stdout
-    folder = os.path.join(job, "samples", "generate_100", evaluation.EVALUATION_DIR)
+    folder = os.path.join(job, "samples", "generate_100", evaluate.EVALUATION_DIR)
     with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
         tuned = json.load(f)
     assert f"motion_error_px  {round(tuned['summary']['motion_error_px'], 3)}" in printed
@@ -65,10 +66,10 @@ def test_vmc_moves_new_objects_along_the_input_path(world_flax, tmp_path):
     texts = prompts.embed_prompts(config.pretrained, ["", *TARGETS], job)
     clip = generate.training_clip(config)
     x_T = jax.random.normal(jax.random.PRNGKey(0), (len(TARGETS), *clip.shape))
-    from_noise = generate.sample_keyframes(
+    from_noise = keyframe_sampling.sample_keyframes(
         model, params, scheduler, x_T, jnp.stack([texts[p] for p in TARGETS]), jnp.asarray(texts[""])[None],
         config.sampling.steps, config.sampling.guidance, jax.random.PRNGKey(1))
-    untuned = evaluation.evaluate_world_clips([(clip + 1) / 2] * len(TARGETS), [config.prompt] * len(TARGETS),
+    untuned = world_evaluation.evaluate_world_clips([(clip + 1) / 2] * len(TARGETS), [config.prompt] * len(TARGETS),
                                               [(np.asarray(v) + 1) / 2 for v in from_noise], TARGETS)
     assert untuned["summary"]["found_fraction"] == 1.0
     tuned_error, noise_error = tuned["summary"]["motion_error_px"], untuned["summary"]["motion_error_px"]

@@ -11,12 +11,13 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import REPO
 
 from configs import world as world_config
-from helpers import REPO
-from vmc_jax import schedulers, training, world_pretraining
-from vmc_jax.conversion.pipeline import convert
-from vmc_jax.loading import load_unet
+from vmc_jax import schedulers, training
+from vmc_jax.hub.unet_loading import load_unet
+from vmc_jax.jobs import world_pretraining
+from vmc_jax.jobs.convert import convert
 
 
 def small_config():
@@ -58,8 +59,8 @@ def test_only_groups_of_several_channels_pass_a_frame_mean_to_the_output(groups)
     """The diagnosis of issue 24 as a property of the architecture: with one channel a group the last
     GroupNorm removes each frame's mean colour, so the output's frame means hardly respond to a shift of
     the input's (0.8-1.8 % over 3 draws); with groups of 4 channels they do (13-24 %). Random init."""
-    from vmc_jax import tiny_pipeline
-    from vmc_jax.loading import build_unet
+    from vmc_jax.hub import tiny_pipeline
+    from vmc_jax.hub.unet_loading import build_unet
 
     model_config = small_config().model
     model_config.norm_num_groups = groups
@@ -157,10 +158,10 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
 
 
 def test_command_line_bad_value_is_one_line_and_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vmc_jax.world_pretraining", "--config", "configs/world.py:test",
+    result = subprocess.run([sys.executable, "-m", "vmc_jax.cli", "world-pretrain", "--config", "configs/world.py:test",
                              "--workdir", str(tmp_path), "--config.model.prediction_type=x0"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "world_pretraining: error: model.prediction_type 'x0': expected one of ('epsilon', 'v_prediction', 'sample')")
+        "vmc-jax: error: model.prediction_type 'x0': expected one of ('epsilon', 'v_prediction', 'sample')")
     assert "Traceback" not in result.stderr

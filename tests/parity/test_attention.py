@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import GRAD_RTOL, OUTPUT_ATOL, load_fixture, output_and_tuned_grads
 
 import vmc_jax
-from vmc_jax import cpu_kernels
-from vmc_jax.models import attention_core
+from vmc_jax.kernels import attention_core, cpu_flash
+from vmc_jax.kernels.attention_core import dot_product_attention, resolve_implementation
 from vmc_jax.models.attention import attend
-from vmc_jax.models.attention_core import dot_product_attention, resolve_implementation
-from helpers import GRAD_RTOL, OUTPUT_ATOL, load_fixture, output_and_tuned_grads
 
 PARITY_ATOL = 1e-5
 LONG = 512  # q_len * k_len = LONG**2 is above BLOCKED_MIN_SCORES
@@ -35,7 +34,7 @@ def resolve(requested, backend, q_len=LONG, k_len=LONG, head_dim=64, dtype=jnp.b
 @pytest.fixture
 def cpu_kernel_built(monkeypatch):
     """Selection as on a machine where the CPU kernel is built (whether or not this one has it)."""
-    monkeypatch.setattr(attention_core.cpu_kernels, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(attention_core.cpu_flash, "unavailable_reason", lambda: None)
 
 
 @pytest.mark.parametrize("requested, backend, kw, expected", [
@@ -71,7 +70,7 @@ def test_implementation_per_backend(cpu_kernel_built, requested, backend, kw, ex
 
 
 def test_cpu_kernel_not_built_falls_back_to_blocked(monkeypatch, caplog):
-    monkeypatch.setattr(attention_core.cpu_kernels, "unavailable_reason", lambda: "no C++ compiler")
+    monkeypatch.setattr(attention_core.cpu_flash, "unavailable_reason", lambda: "no C++ compiler")
     assert resolve("auto", "cpu") == "blocked"
     attention_core._log_fallback.cache_clear()
     with caplog.at_level(logging.WARNING, logger=attention_core.__name__):
@@ -113,7 +112,7 @@ def runnable_implementations():
 
 
 def require_cpu_kernel():
-    reason = cpu_kernels.unavailable_reason()
+    reason = cpu_flash.unavailable_reason()
     assert reason is None, f"the CPU attention kernel was not built: {reason}"
 
 

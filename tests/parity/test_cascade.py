@@ -9,14 +9,14 @@ errors); the batched interpolation equals the windows run one by one to 1e-5.
 import hashlib
 import os
 
+import helpers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import helpers
 import vmc_jax
 from vmc_jax import cascade, schedulers
-from vmc_jax.tiny_pipeline import make_tiny_cascade
+from vmc_jax.hub.tiny_pipeline import make_tiny_cascade
 
 FIXTURES = os.path.join(helpers.FIXTURES, "cascade")
 ATOL = 1e-4

@@ -7,13 +7,15 @@ import string
 
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 import ml_collections
 import transformers
 
-from vmc_jax import clip_metrics, data, evaluation, generate
+from vmc_jax import clip_metrics, video_io
 from vmc_jax.clip_metrics import ClipScorer, clip_frame_consistency, clip_text_alignment, load_clip_tower
-from vmc_jax.conversion import flax_to_torch
+from vmc_jax.hub.conversion import flax_to_torch
+from vmc_jax.jobs import evaluate, generate
 from vmc_jax.models.clip_vision import CLIPTextProjectionEncoder, CLIPVisionEncoder
 
 TOLERANCE = 1e-5  # max abs error of embeddings, fp32
@@ -133,15 +135,15 @@ def test_evaluate_on_a_real_video_job_runs_the_clip_metrics_or_says_what_it_need
     frames = np.random.default_rng(7).integers(0, 256, (4, 40, 48, 3), dtype=np.uint8)
     samples = tmp_path / "job" / "samples" / "generate_4"
     samples.mkdir(parents=True)
-    data.save_video(frames.astype(np.float32) / 127.5 - 1, str(samples / "0_a_tank.gif"))
+    video_io.save_video(frames.astype(np.float32) / 127.5 - 1, str(samples / "0_a_tank.gif"))
     (samples / generate.SAMPLES_INDEX).write_text(json.dumps({"0_a_tank.gif": "a tank is moving on the snow"}))
     config = ml_collections.ConfigDict({"prompt": "a car is moving", "evaluation": {"clip": ""}})
     with pytest.raises(ValueError, match=r"^'a car is moving' is not a moving-shapes world prompt: .* for real "
                                          r"videos give a CLIP model .*--config.evaluation.clip="):
-        evaluation.evaluate_workdir(config, str(tmp_path / "job"))
+        evaluate.evaluate_workdir(config, str(tmp_path / "job"))
     config.evaluation.clip = folder
-    result, out = evaluation.evaluate_workdir(config, str(tmp_path / "job"))
-    expected = ClipScorer.load(folder).scores(data.read_frames(str(samples / "0_a_tank.gif")),
+    result, out = evaluate.evaluate_workdir(config, str(tmp_path / "job"))
+    expected = ClipScorer.load(folder).scores(video_io.read_frames(str(samples / "0_a_tank.gif")),
                                               "a tank is moving on the snow")
     assert result["summary"] == pytest.approx(expected, abs=1e-6)
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:

@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 from diffusers import DDIMScheduler
-
-from vmc_jax import inversion, sampling, schedulers
 from helpers import fixture_inputs, load_fixture
 
-RELEASED_INVERSION_CONFIG = inversion.RELEASED_INVERSION_SCHEDULER
+from vmc_jax import keyframe_sampling, sampling, schedulers
+
+RELEASED_INVERSION_CONFIG = keyframe_sampling.RELEASED_INVERSION_SCHEDULER
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_official_inversion_matches_the_released_next_step(keyframes):
     statement runs in float64, ours in float32)."""
     model, params, x0, text = keyframes
     steps = 5
-    ours = inversion.ddim_invert(model, params, x0, text, schedulers.from_config(RELEASED_INVERSION_CONFIG),
+    ours = keyframe_sampling.ddim_invert(model, params, x0, text, schedulers.from_config(RELEASED_INVERSION_CONFIG),
                                  steps, method="official", return_trajectory=True)
 
     reference = DDIMScheduler.from_config(RELEASED_INVERSION_CONFIG)
@@ -60,13 +61,13 @@ def test_invert_then_sample_reconstructs(keyframes):
     scheduler = schedulers.from_config({"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear",
                                         "beta_start": 0.00085, "beta_end": 0.012,
                                         "variance_type": "learned_range"})
-    x_T = inversion.ddim_invert(model, params, x0, text, scheduler, 50)
+    x_T = keyframe_sampling.ddim_invert(model, params, x0, text, scheduler, 50)
     assert np.abs(np.asarray(x_T) - np.asarray(x0)).max() > 0.5  # it did move to noise level
 
     def denoise(x, t, params, text):
         return model.apply({"params": params}, x, jnp.full((x.shape[0],), t), text)
 
-    back = sampling.sample_loop(inversion.as_ddim(scheduler), denoise, x_T, 50, denoise_args=(params, text))
+    back = sampling.sample_loop(keyframe_sampling.as_ddim(scheduler), denoise, x_T, 50, denoise_args=(params, text))
     assert np.abs(np.asarray(back) - np.asarray(x0)).max() <= 0.02
 
 
@@ -76,12 +77,12 @@ def test_inversion_of_a_v_prediction_model(keyframes):
     model, params, x0, text = keyframes
     x0 = x0[:, :4, :16, :16]
     scheduler = schedulers.from_config({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"})
-    ours = inversion.ddim_invert(model, params, x0, text, scheduler, 3)
+    ours = keyframe_sampling.ddim_invert(model, params, x0, text, scheduler, 3)
 
     apply = jax.jit(model.apply)
     acp = np.asarray(scheduler.alphas_cumprod, np.float64)
     x = np.asarray(x0, np.float64)
-    for t, a_cur, a_next in zip(*inversion.inversion_schedule(scheduler, 3)):
+    for t, a_cur, a_next in zip(*keyframe_sampling.inversion_schedule(scheduler, 3)):
         v = np.asarray(apply({"params": params}, jnp.asarray(x, jnp.float32), jnp.full((2,), t), text))[..., :3]
         eps = acp[t] ** 0.5 * v + (1 - acp[t]) ** 0.5 * x
         x = a_next ** 0.5 * (x - (1 - a_cur) ** 0.5 * eps) / a_cur ** 0.5 + (1 - a_next) ** 0.5 * eps
@@ -96,18 +97,18 @@ def test_pmapped_inversion_equals_single_device_runs(keyframes, caplog):
     texts = jnp.concatenate([text, text[::-1]])
     scheduler = schedulers.from_config(RELEASED_INVERSION_CONFIG)
     singles = np.concatenate([
-        np.asarray(inversion.ddim_invert(model, params, clips[i:i + 1], texts[i:i + 1], scheduler, 3))
+        np.asarray(keyframe_sampling.ddim_invert(model, params, clips[i:i + 1], texts[i:i + 1], scheduler, 3))
         for i in range(4)
     ])
-    spread = inversion.pmap_ddim_invert(model, params, clips, texts, scheduler, 3)
+    spread = keyframe_sampling.pmap_ddim_invert(model, params, clips, texts, scheduler, 3)
     np.testing.assert_allclose(np.asarray(spread), singles, rtol=1e-5, atol=1e-5)
 
     flipped = clips[:, ::-1]
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
-        again = inversion.pmap_ddim_invert(model, params, flipped, texts, scheduler, 3)
+        again = keyframe_sampling.pmap_ddim_invert(model, params, flipped, texts, scheduler, 3)
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()], "second call recompiled"
     with caplog.at_level(logging.WARNING):
-        padded = inversion.pmap_ddim_invert(model, params, clips[:3], texts[:3], scheduler, 3)
+        padded = keyframe_sampling.pmap_ddim_invert(model, params, clips[:3], texts[:3], scheduler, 3)
     assert "pmap_ddim_invert: a batch of 3 padded to 4" in caplog.text
     np.testing.assert_allclose(np.asarray(padded), singles[:3], rtol=1e-5, atol=1e-5)
     assert not np.allclose(np.asarray(again), singles)
@@ -115,4 +116,4 @@ def test_pmapped_inversion_equals_single_device_runs(keyframes, caplog):
 
 def test_unknown_method_is_an_error():
     with pytest.raises(ValueError, match="unknown inversion method 'exact'"):
-        inversion.inversion_schedule(schedulers.from_config(RELEASED_INVERSION_CONFIG), 10, method="exact")
+        keyframe_sampling.inversion_schedule(schedulers.from_config(RELEASED_INVERSION_CONFIG), 10, method="exact")

@@ -17,10 +17,10 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FIXTURES
 
 import vmc_jax
-from helpers import FIXTURES
-from vmc_jax import generate, sampling, schedulers
+from vmc_jax import keyframe_sampling, sampling, schedulers
 
 TOL = 1e-4
 
@@ -43,14 +43,14 @@ def released():
 def test_keyframe_generation_matches_released_pipeline(released):
     r = released
     assert r["scheduler"].thresholding and r["scheduler"].variance_type == "learned_range"
-    video = generate.sample_keyframes(r["model"], r["params"], r["scheduler"], r["x_T"], r["text"], r["negative"],
+    video = keyframe_sampling.sample_keyframes(r["model"], r["params"], r["scheduler"], r["x_T"], r["text"], r["negative"],
                                       r["steps"], r["guidance"], noise=r["noise"])
     error = float(np.abs(np.asarray(video) - r["video"]).max())
     assert error <= TOL, error
 
 
 @dataclasses.dataclass(frozen=True)
-class _WholeVideoDenoiser(generate.UNetDenoiser):
+class _WholeVideoDenoiser(keyframe_sampling.UNetDenoiser):
     """Sees the video as one tall image (b, f * h, w, c), so thresholding spans all frames."""
 
     frames: int = 1

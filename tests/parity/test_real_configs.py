@@ -12,12 +12,12 @@ import os
 
 import jax
 import pytest
-
 from helpers import REPO
-from vmc_jax.loading import build_unet
+
+from vmc_jax.hub.text_loading import text_encoder_from_config
+from vmc_jax.hub.unet_loading import build_unet
+from vmc_jax.hub.weights import abstract_params
 from vmc_jax.models.vae import AutoencoderKL, VAEConfig
-from vmc_jax.text import text_encoder_from_config
-from vmc_jax.weights import abstract_params
 
 MODELS = os.path.join(REPO, "configs", "models")
 

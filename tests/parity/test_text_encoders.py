@@ -19,16 +19,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 import transformers
 from safetensors.numpy import save_file
 
-from vmc_jax.conversion.layout import flax_to_torch
+from vmc_jax.hub.conversion.layout import flax_to_torch
+from vmc_jax.hub.converted_store import read_config
+from vmc_jax.hub.text_loading import encode_prompts, load_text_encoder, load_tokenizer, save_converted
+from vmc_jax.hub.unet_loading import to_torch_state_dict
 from vmc_jax.models.clip import CLIPTextEncoder
 from vmc_jax.models.t5 import T5Encoder, relative_position_buckets
-from vmc_jax.checkpoints import read_config
-from vmc_jax.loading import to_torch_state_dict
-from vmc_jax.text import encode_prompts, load_text_encoder, load_tokenizer, save_converted
 
 TOLERANCE = 1e-4  # max abs error, fp32; measured at most 6.6e-7 here (stated per test)
 VOCAB = 100

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import GRAD_RTOL, OUTPUT_ATOL, SHOW1_FIXTURES, fixture_inputs, load_fixture, output_and_tuned_grads
 
 import vmc_jax
-from vmc_jax.conversion import read_state_dict
+from vmc_jax.hub.conversion import read_state_dict
 from vmc_jax.models.resnet import TemporalConv
-from helpers import GRAD_RTOL, OUTPUT_ATOL, SHOW1_FIXTURES, fixture_inputs, load_fixture, output_and_tuned_grads
 
 
 @pytest.fixture(scope="module", params=SHOW1_FIXTURES)

@@ -6,6 +6,7 @@ random. Measured: max abs error 3.0e-6 (zeroscope-like) and 2.7e-6 (IF-II-like);
 
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 from diffusers import UNet2DConditionModel, UNet3DConditionModel
 
@@ -79,6 +80,6 @@ def test_family_specific_block_types_are_enforced():
               "down_block_types": ["CrossAttnDownBlock3D", "DownBlock2D"],
               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [32, 32]}
     with pytest.raises(ValueError, match="unknown block type 'CrossAttnDownBlock3D' in down_block_types"):
-        vmc_jax.loading.build_unet(config)
+        vmc_jax.hub.unet_loading.build_unet(config)
     with pytest.raises(ValueError, match=r"unknown config keys \['resnet_out_scale_factor'\]"):
-        vmc_jax.loading.build_unet({"_class_name": "UNet3DConditionModel", "resnet_out_scale_factor": 1.0})
+        vmc_jax.hub.unet_loading.build_unet({"_class_name": "UNet3DConditionModel", "resnet_out_scale_factor": 1.0})

@@ -12,15 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
 import diffusers
 from safetensors.torch import save_file
 
-from vmc_jax import checkpoints
-from vmc_jax.conversion import flax_to_torch
-from vmc_jax.weights import abstract_params
+from vmc_jax.hub import converted_store
+from vmc_jax.hub.conversion import flax_to_torch
+from vmc_jax.hub.vae_loading import decode_latents, encode_to_latents, load_vae
+from vmc_jax.hub.weights import abstract_params
 from vmc_jax.models.vae import AutoencoderKL, VAEConfig
-from vmc_jax.vae import decode_latents, encode_to_latents, load_vae
 
 TOLERANCE = 1e-4
 CONFIG = dict(
@@ -156,7 +157,7 @@ def test_parameters_match_diffusers_for_options(options):
 def test_converted_folder_round_trip(hub, tmp_path):
     """save_model -> load_vae gives the same config and params."""
     _, _, vae, params = hub
-    checkpoints.save_model(str(tmp_path), vae.config.to_dict(), params)
+    converted_store.save_model(str(tmp_path), vae.config.to_dict(), params)
     restored_vae, restored = load_vae(str(tmp_path))
     assert restored_vae.config == vae.config
     jax.tree.map(np.testing.assert_array_equal, restored, params)
@@ -185,7 +186,7 @@ def test_legacy_attention_names_load(hub, tmp_path):
             name = name.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
         state_dict[name] = tensor.contiguous()
     assert "encoder.mid_block.attentions.0.proj_attn.weight" in state_dict
-    _, loaded = load_vae(_write_hub_folder(tmp_path, checkpoints.read_config(folder), state_dict))
+    _, loaded = load_vae(_write_hub_folder(tmp_path, converted_store.read_config(folder), state_dict))
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
@@ -201,7 +202,7 @@ def test_legacy_attention_names_load(hub, tmp_path):
 def test_bad_config_is_refused(hub, tmp_path, change, message):
     """Unknown keys and unsupported values are named, with the config file."""
     folder, *_ = hub
-    config = {**checkpoints.read_config(folder), **change}
+    config = {**converted_store.read_config(folder), **change}
     path = _write_hub_folder(tmp_path, config)
     with pytest.raises(ValueError) as error:
         load_vae(path)
@@ -212,7 +213,7 @@ def test_missing_weight_is_named(hub, tmp_path):
     """A weight missing from the checkpoint is reported by its PyTorch name and shape, with the file."""
     folder, model, *_ = hub
     state_dict = {k: v for k, v in model.state_dict().items() if k != "decoder.mid_block.attentions.0.to_k.weight"}
-    path = _write_hub_folder(tmp_path, checkpoints.read_config(folder), state_dict)
+    path = _write_hub_folder(tmp_path, converted_store.read_config(folder), state_dict)
     with pytest.raises(ValueError) as error:
         load_vae(path)
     assert "missing keys: decoder.mid_block.attentions.0.to_k.weight (expected (64, 64))" in str(error.value)

@@ -6,9 +6,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-
-from vmc_jax import xla_cpu
 from helpers import OUTPUT_ATOL, REPO
+
+from vmc_jax.kernels import xla_cpu
 
 MEASURED = xla_cpu.MEASURED_JAXLIB[0] + "2"
 FLAG = xla_cpu.CPU_FLAGS[0]
@@ -20,7 +20,7 @@ FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
     ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, MEASURED, -1,
      "--xla_force_host_platform_device_count=1 " + FLAG, True),
     ({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}, MEASURED, -1, "--xla_cpu_enable_fast_math=false " + FLAG, True),
-    # several CPU devices in the process: the option races there (see vmc_jax/xla_cpu.py)
+    # several CPU devices in the process: the option races there (see vmc_jax/kernels/xla_cpu.py)
     ({"XLA_FLAGS": FOUR_DEVICES}, MEASURED, -1, FOUR_DEVICES, False),
     ({"XLA_FLAGS": FOUR_DEVICES + " --xla_force_host_platform_device_count=1"}, MEASURED, -1,
      FOUR_DEVICES + " --xla_force_host_platform_device_count=1 " + FLAG, True),  # the last count wins, as in XLA

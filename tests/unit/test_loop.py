@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmc_jax import preemption
 from vmc_jax.errors import TrainingDiverged, TrainingStopped
-from vmc_jax.jobs import loop
+from vmc_jax.jobs import loop, preemption
 
 SETTINGS = loop.Settings(steps=7, log_every=2, checkpoint_every=3, lr=0.1)
 

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import CLIP
-from vmc_jax import data, parallel, schedulers, tiny_pipeline, training
-from vmc_jax.loading import build_unet
+
+from vmc_jax import parallel, schedulers, training, video_io
+from vmc_jax.hub import tiny_pipeline
+from vmc_jax.hub.unet_loading import build_unet
 
 
 @pytest.mark.parametrize("sizes, devices, expected", [
@@ -57,7 +58,7 @@ def test_four_clips_at_once_equal_each_clip_alone():
     model = build_unet(tiny_pipeline.UNET_CONFIG)
     params = tiny_pipeline.random_params(model, 0)
     scheduler = schedulers.from_config(tiny_pipeline.SCHEDULER_CONFIG)
-    clip = jnp.asarray(data.load_clip(CLIP, 4, 16, 32))
+    clip = jnp.asarray(video_io.load_clip(CLIP, 4, 16, 32))
     clips = jnp.stack([clip, clip[::-1], -clip, jnp.roll(clip, 5, axis=2)])[:, None]  # (clips, batch 1, f, h, w, c)
     texts = jax.random.normal(jax.random.PRNGKey(3), (4, 1, 6, tiny_pipeline.UNET_CONFIG["encoder_hid_dim"]))
     tuned, frozen = training.split_params(params)

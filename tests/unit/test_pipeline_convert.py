@@ -13,14 +13,15 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import FIXTURES
 from safetensors.numpy import save_file
 
-from helpers import FIXTURES
-from vmc_jax import checkpoints, schedulers
-from vmc_jax.conversion.pipeline import convert
-from vmc_jax.loading import load_unet
-from vmc_jax.text import load_text_encoder, load_tokenizer
-from vmc_jax.tiny_pipeline import PROMPTS, T5_CONFIG, make_synthetic_clip, make_tiny_pipeline
+from vmc_jax import schedulers
+from vmc_jax.hub import converted_store
+from vmc_jax.hub.text_loading import load_text_encoder, load_tokenizer
+from vmc_jax.hub.tiny_pipeline import PROMPTS, T5_CONFIG, make_synthetic_clip, make_tiny_pipeline
+from vmc_jax.hub.unet_loading import load_unet
+from vmc_jax.jobs.convert import convert
 
 KEYFRAMES_UNET = os.path.join(FIXTURES, "show1_keyframes", "unet")
 MODEL_COMPONENTS = ("text_encoder", "unet")
@@ -62,8 +63,8 @@ def test_pipeline_writes_every_component(pipelines):
     assert written == [os.path.join(flax, name) for name in expected]
     assert sorted(os.listdir(flax)) == sorted(expected)  # no .tmp left over
     for name in MODEL_COMPONENTS:
-        assert checkpoints.is_converted_model(os.path.join(flax, name)), name
-        assert checkpoints.read_config(os.path.join(flax, name)) == checkpoints.read_config(os.path.join(hub, name))
+        assert converted_store.is_converted_model(os.path.join(flax, name)), name
+        assert converted_store.read_config(os.path.join(flax, name)) == converted_store.read_config(os.path.join(hub, name))
 
 
 def test_converted_unet_has_the_hub_params(pipelines):
@@ -146,14 +147,14 @@ def test_overwrite_replaces_a_converted_model(pipelines, tmp_path):
         convert(src, dst)
     (tmp_path / "text_encoder" / "stale").write_text("")
     assert convert(src, dst, overwrite=True) == [dst]
-    assert "stale" not in os.listdir(dst) and checkpoints.is_converted_model(dst)
+    assert "stale" not in os.listdir(dst) and converted_store.is_converted_model(dst)
     _assert_same_params(load_text_encoder(src)[1], load_text_encoder(dst)[1])
 
 
 def test_vae_folder(tmp_path):
     pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
     diffusers = pytest.importorskip("diffusers")
-    from vmc_jax.vae import load_vae
+    from vmc_jax.hub.vae_loading import load_vae
 
     src, dst = str(tmp_path / "hub"), str(tmp_path / "flax")
     vae = diffusers.AutoencoderKL(block_out_channels=[32], norm_num_groups=32, latent_channels=4, sample_size=8)
@@ -167,8 +168,8 @@ def test_vae_without_its_loader(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     save_file({"w": np.zeros(1, np.float32)}, str(folder / "diffusion_pytorch_model.safetensors"))
-    monkeypatch.setitem(sys.modules, "vmc_jax.vae", None)
-    with pytest.raises(NotImplementedError, match=re.escape(f"{folder}: converting an AutoencoderKL needs vmc_jax.vae")):
+    monkeypatch.setitem(sys.modules, "vmc_jax.hub.vae_loading", None)
+    with pytest.raises(NotImplementedError, match=re.escape(f"{folder}: converting an AutoencoderKL needs vmc_jax.hub.vae_loading")):
         convert(str(folder), str(tmp_path / "out"))
 
 
@@ -198,7 +199,7 @@ def test_unconvertible_components_are_skipped_with_a_warning(pipelines, tmp_path
     )
     save_file({"w": np.zeros(1, np.float32)}, str(src / "safety_checker" / "model.safetensors"))
     dst = str(tmp_path / "flax")
-    with caplog.at_level(logging.WARNING, logger="vmc_jax.conversion.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="vmc_jax.jobs.convert"):
         written = convert(str(src), dst)
     assert written == [os.path.join(dst, "model_index.json"), os.path.join(dst, "scheduler")]
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -264,7 +265,7 @@ def test_a_pipeline_without_a_convertible_unet_is_refused(pipelines, tmp_path, b
     hub = _copy_of(pipelines[0], tmp_path)
     unet = os.path.join(hub, "unet")
     if breakage == "no class":
-        config = checkpoints.read_config(unet)
+        config = converted_store.read_config(unet)
         del config["_class_name"]
         with open(os.path.join(unet, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f)
@@ -278,7 +279,7 @@ def test_a_pipeline_without_a_convertible_unet_is_refused(pipelines, tmp_path, b
 
 
 def test_tiny_pipelines_are_made_whole_and_never_over_an_existing_folder(tmp_path):
-    from vmc_jax.tiny_pipeline import make_tiny_cascade
+    from vmc_jax.hub.tiny_pipeline import make_tiny_cascade
 
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "mine.txt").write_text("precious")

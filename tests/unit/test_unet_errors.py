@@ -7,12 +7,12 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from helpers import FIXTURES
 from safetensors.numpy import save_file
 
 import vmc_jax
-from vmc_jax.conversion import read_state_dict
-from vmc_jax.loading import build_unet
-from helpers import FIXTURES
+from vmc_jax.hub.conversion import read_state_dict
+from vmc_jax.hub.unet_loading import build_unet
 
 KEYFRAMES = os.path.join(FIXTURES, "show1_keyframes", "unet")
 WEIGHTS = "diffusion_pytorch_model.fp16.safetensors"
@@ -111,8 +111,8 @@ def test_an_image_unet_is_refused_where_a_video_model_is_needed(tmp_path):
     """A pretrained pipeline whose unet/ is a 2D UNet (the keyframe model's config made 2D, zero weights)."""
     import ml_collections
 
-    from vmc_jax import generate
-    from vmc_jax.weights import abstract_params
+    from vmc_jax.hub.weights import abstract_params
+    from vmc_jax.jobs import generate
 
     with open(os.path.join(KEYFRAMES, "config.json")) as f:
         config = json.load(f)

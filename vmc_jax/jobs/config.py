@@ -17,9 +17,10 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import ml_collections
 
-from vmc_jax import checkpoints, inversion, training
+from vmc_jax import keyframe_sampling, training
 from vmc_jax.cascade import STAGES
-from vmc_jax.models import attention_core
+from vmc_jax.hub import converted_store
+from vmc_jax.kernels import attention_core
 from vmc_jax.models.unet_config import UNetConfig
 
 Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it, or None
@@ -98,7 +99,7 @@ def _field(default: Any, check: Check) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """Which frames of the video the job tunes on, at what size (``vmc_jax.data.load_clip``)."""
+    """Which frames of the video the job tunes on, at what size (``vmc_jax.video_io.load_clip``)."""
 
     num_frames: int = _field(8, _at_least(2))
     height: int = _field(40, _at_least(1))
@@ -153,7 +154,7 @@ class Inversion:
     """DDIM inversion of the clip: steps, "model" or "official" (the release's), and the schedule to use."""
 
     steps: int = _field(75, _at_least(1))
-    method: str = _field("model", _one_of(inversion.METHODS))
+    method: str = _field("model", _one_of(keyframe_sampling.METHODS))
     scheduler: str = _field("", _optional_path)  # a scheduler config; empty: the model's (or the release's)
 
 
@@ -281,7 +282,7 @@ class Job:
                 raise FileNotFoundError(f"config.pretrained: {self.pretrained!r} has no {part}/ "
                                         "(expected a pipeline folder written by `vmc-jax convert`)")
         unet_folder = os.path.join(self.pretrained, "unet")
-        factor = 2 ** UNetConfig.from_dict(checkpoints.read_config(unet_folder), source=unet_folder).num_downsamplers
+        factor = 2 ** UNetConfig.from_dict(converted_store.read_config(unet_folder), source=unet_folder).num_downsamplers
         for name in ("height", "width"):
             if getattr(self.data, name) % factor:
                 raise ValueError(f"config.data.{name}={getattr(self.data, name)} must be divisible by {factor} "

@@ -15,8 +15,8 @@ from typing import Sequence
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from vmc_jax.conversion.pipeline import convert
 from vmc_jax.errors import JobError
+from vmc_jax.jobs.convert import convert
 
 # cascade stage -> the Hub repositories it needs (sr1: IF-II-L for the first frame, then Show-1's sr1).
 STAGE_REPOSITORIES = {

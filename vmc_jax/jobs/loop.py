@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from vmc_jax import files, parallel, preemption
+from vmc_jax import files, parallel
 from vmc_jax.errors import TrainingDiverged
+from vmc_jax.jobs import preemption
 
 State = TypeVar("State")
 # Steps fetched together: (step, its metrics on the host, one dict per clip).
@@ -48,7 +49,7 @@ class Settings:
 
 
 class Checkpoints(Protocol):
-    """Where the loop saves the state (`vmc_jax.checkpoints.TrainCheckpoints` is one)."""
+    """Where the loop saves the state (`vmc_jax.jobs.checkpoints.TrainCheckpoints` is one)."""
 
     def save(self, step: int, state: Any) -> None: ...
 

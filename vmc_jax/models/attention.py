@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.attention_core import dot_product_attention
+from vmc_jax.kernels.attention_core import dot_product_attention
 from vmc_jax.models.layers import Dtype, GroupNorm, layer_norm
 
 

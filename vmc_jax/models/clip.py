@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.attention_core import dot_product_attention
+from vmc_jax.kernels.attention_core import dot_product_attention
 from vmc_jax.models.layers import Dtype, layer_norm
 from vmc_jax.models.t5 import checked, hf_activation
 

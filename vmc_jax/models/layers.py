@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.models.attention_core import dot_product_attention
+from vmc_jax.kernels.attention_core import dot_product_attention
 
 Dtype = Any  # a compute dtype: a jnp dtype, a numpy dtype or its name (what flax modules take)
 

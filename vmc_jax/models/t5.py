@@ -1,6 +1,6 @@
 """The T5 encoder (transformers' ``T5EncoderModel``) in Flax linen, the text encoder of Show-1 and IF.
 
-Submodules are named like the PyTorch attributes, so ``vmc_jax.conversion.layout`` maps every
+Submodules are named like the PyTorch attributes, so ``vmc_jax.hub.conversion.layout`` maps every
 parameter to its state-dict name (``encoder/block_0/layer_0/SelfAttention/q/kernel`` is
 ``encoder.block.0.layer.0.SelfAttention.q.weight``). The residual stream, the RMS norms, the
 softmax and the output projection ``wo`` of each feed-forward layer run in float32 whatever the
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmc_jax.models.attention_core import dot_product_attention
+from vmc_jax.kernels.attention_core import dot_product_attention
 from vmc_jax.models.layers import Dtype
 
 # transformers' activation names (``ACT2FN`` keys) used by T5 and CLIP text configs.

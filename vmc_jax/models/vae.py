@@ -2,7 +2,7 @@
 
 Images are channels last, ``(batch, height, width, channels)``; every layer also takes videos
 ``(batch, frames, height, width, channels)`` and treats each frame as an image, so videos need
-no reshaping. Parameter names follow the PyTorch module (see ``vmc_jax.conversion.layout``).
+no reshaping. Parameter names follow the PyTorch module (see ``vmc_jax.hub.conversion.layout``).
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL: ``encode`` images to (mean, logvar), ``decode`` latents to images.
 
     Inputs are ``(b, h, w, c)`` images or ``(b, f, h, w, c)`` videos. ``scaling_factor`` is not
-    applied here (see ``vmc_jax.vae``). ``dtype`` is the compute dtype; the default float32 is
+    applied here (see ``vmc_jax.hub.vae_loading``). ``dtype`` is the compute dtype; the default float32 is
     what ``force_upcast`` asks for, even with fp16 params.
     """
 

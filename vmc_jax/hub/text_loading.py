@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vmc_jax import checkpoints
-from vmc_jax.weights import load_params, model_config
+from vmc_jax.hub import converted_store
+from vmc_jax.hub.weights import load_params, model_config
 from vmc_jax.models.clip import CLIPTextEncoder
 from vmc_jax.models.t5 import T5Encoder
 
@@ -67,11 +67,11 @@ def save_converted(folder: str, config: Mapping[str, Any], params: Any) -> None:
     """Writes a converted text encoder (``config.json`` beside orbax ``params/``) that loads back.
 
     The config is checked first, so no folder is written that ``load_text_encoder`` would refuse;
-    ``checkpoints.save_model`` then writes the params atomically (orbax writes into a temporary
+    ``converted_store.save_model`` then writes the params atomically (orbax writes into a temporary
     folder and renames it when complete) and config.json last (temporary file + rename).
     """
     text_encoder_from_config(config)
-    checkpoints.save_model(folder, dict(config), params)
+    converted_store.save_model(folder, dict(config), params)
 
 
 def load_tokenizer(path: str) -> Any:

@@ -10,7 +10,7 @@
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, fp16 / bf16);
 * ``"pallas_tpu"``: the Pallas flash-attention kernel of ``jax.experimental.pallas.ops.tpu``;
 * ``"cpu_flash"``: FlashAttention forward and backward as native CPU kernels
-  (``vmc_jax/kernels/flash_attention_cpu.cc``, built on first use by ``vmc_jax/cpu_kernels.py``);
+  (``vmc_jax/kernels/flash_attention_cpu.cc``, built on first use by ``vmc_jax/kernels/cpu_flash.py``);
   O(n) memory, float32 inside;
 * ``"auto"``: the kernel of the backend when it applies (on the CPU: from CPU_FLASH_MIN_SCORES
   scores on, with one CPU device), else blocked for long sequences and the plain form for short
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmc_jax import cpu_kernels
+from vmc_jax.kernels import cpu_flash
 
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas_tpu", "cpu_flash")
 BACKEND_KERNELS = {"gpu": "cudnn", "tpu": "pallas_tpu", "cpu": "cpu_flash"}
@@ -57,7 +57,7 @@ CPU_FLASH_KEYS = 16
 _log = logging.getLogger(__name__)
 _MASKED = float(jnp.finfo(jnp.float32).min)
 # The backend (and device count) "auto" resolves for: the process's own, unless a program is being
-# traced for other devices (`vmc_jax.plan` compiles for a TPU topology on a CPU host).
+# traced for other devices (`vmc_jax.jobs.plan` compiles for a TPU topology on a CPU host).
 _TRACING_FOR: list[tuple[str, int]] = []
 
 
@@ -107,7 +107,7 @@ def _kernel_unsupported(implementation: str, backend: str, q_len: int, k_len: in
             return f"the CPU kernel needs a head size that is a multiple of 8, got {head_dim}"
         if has_bias or has_mask:
             return "the CPU kernel takes no bias or mask"
-        return cpu_kernels.unavailable_reason()
+        return cpu_flash.unavailable_reason()
     if implementation == "blocked" and (has_bias or has_mask):
         return "blocked attention takes no bias or mask"
     return None
@@ -269,7 +269,7 @@ def cpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, scal
     """Attention by the native CPU kernels, forward and backward (float32 inside).
 
     (batch, seq, heads, head_dim) in and out; the head size must be a multiple of 8, and the
-    kernels must be built (``cpu_kernels.unavailable_reason()`` is None).
+    kernels must be built (``cpu_flash.unavailable_reason()`` is None).
     """
     return _cpu_flash(query, key, value, scale)
 
@@ -287,7 +287,7 @@ def _cpu_kernel_rows(q_len: int) -> int:
 def _call_cpu_kernel(target: str, results: tuple, *operands: jax.Array, scale: float, k_len: int,
                      rows: int) -> tuple:
     """Runs one of the CPU kernels (built on first use) on float32 operands; float32 results."""
-    reason = cpu_kernels.unavailable_reason()
+    reason = cpu_flash.unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {reason}")
     shapes = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in results)
@@ -304,7 +304,7 @@ def _cpu_flash_forward(query, key, value, scale):
     q_len, rows = query.shape[1], _cpu_kernel_rows(query.shape[1])
     q = _cpu_kernel_layout(query, rows)
     out, logsumexp = _call_cpu_kernel(
-        cpu_kernels.FLASH_FORWARD, (q.shape, q.shape[:-1]), q,
+        cpu_flash.FLASH_FORWARD, (q.shape, q.shape[:-1]), q,
         _cpu_kernel_layout(key, CPU_FLASH_KEYS).swapaxes(-1, -2), _cpu_kernel_layout(value, CPU_FLASH_KEYS),
         scale=scale, k_len=key.shape[1], rows=rows)
     out = out[:, :, :q_len].swapaxes(1, 2).astype(value.dtype)
@@ -318,7 +318,7 @@ def _cpu_flash_backward(scale, residuals, d_out):
     # The softmax's own term of dS = P * (dP - rowsum(dO * O)), one number a query.
     d_row = jnp.einsum("bqnh,bqnh->bqn", d_out, out, preferred_element_type=jnp.float32)
     d_q, d_k, d_v = _call_cpu_kernel(
-        cpu_kernels.FLASH_BACKWARD, ((*logsumexp.shape, query.shape[-1]), k.shape, k.shape),
+        cpu_flash.FLASH_BACKWARD, ((*logsumexp.shape, query.shape[-1]), k.shape, k.shape),
         _cpu_kernel_layout(query, rows), k, k.swapaxes(-1, -2),
         _cpu_kernel_layout(value, CPU_FLASH_KEYS).swapaxes(-1, -2), _cpu_kernel_layout(d_out, rows), logsumexp,
         _cpu_kernel_layout(d_row, rows), scale=scale, k_len=k_len, rows=rows)

@@ -2,7 +2,7 @@
 
 A hub folder is a diffusers model folder: ``config.json`` plus ``diffusion_pytorch_model``
 ``[.fp16].safetensors`` / ``.bin`` (or a shard index). A converted folder is the one
-:func:`vmc_jax.checkpoints.save_model` writes (``config.json`` + orbax ``params/``).
+:func:`vmc_jax.hub.converted_store.save_model` writes (``config.json`` + orbax ``params/``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from vmc_jax.weights import load_params, model_config
+from vmc_jax.hub.weights import load_params, model_config
 from vmc_jax.models.vae import AutoencoderKL, VAEConfig
 
 VAE_WEIGHTS = ("diffusion_pytorch_model",)

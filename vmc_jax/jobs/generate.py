@@ -6,7 +6,6 @@ states in, one keyframe video per prompt out.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -18,61 +17,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vmc_jax import (cascade_runner, checkpoints, data, files, inversion, prompts, sampling, schedulers,
-                     training, workdir)
+from vmc_jax import files, keyframe_sampling, prompts, schedulers, training, video_io
 from vmc_jax.errors import JobError
-from vmc_jax.jobs import config as jobs_config
-from vmc_jax.loading import load_unet
+from vmc_jax.hub.unet_loading import load_unet
+from vmc_jax.hub.weights import model_config
+from vmc_jax.jobs import cascade_runner, checkpoints, config as jobs_config, workdir
+from vmc_jax.keyframe_sampling import inversion_scheduler, sample_keyframes
 from vmc_jax.models.unet_config import UNetConfig
 from vmc_jax.schedulers import Scheduler
-from vmc_jax.weights import model_config
 
 VIDEO_FORMATS = ("gif", "mp4")
 SAMPLES_INDEX = "samples.json"  # in each samples folder of `generate`: keyframe video file -> prompt
 # A prompt's part of a file name: at most this many characters and UTF-8 bytes (whole characters), which
 # leaves room in a 255-byte name for "<i>_", "_<stage>", "-<n>", the extension and the temporary name.
 SLUG_CHARACTERS, SLUG_BYTES = 60, 100
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetDenoiser:
-    """``denoise_fn(x_t, t, params, text)`` of a UNet; keeps the variance channels only when the
-    scheduler uses them. Equal for equal models, so the compiled sampling loop is reused.
-    """
-
-    model: nn.Module
-    learned_variance: bool
-
-    def __call__(self, x: jax.Array, t: jax.Array, params: Any, text: jax.Array) -> jax.Array:
-        out = self.model.apply({"params": params}, x, jnp.full((x.shape[0],), t), text)
-        return out if self.learned_variance else out[..., : x.shape[-1]]
-
-
-def sample_keyframes(model: nn.Module, params: Any, scheduler: Scheduler, x_T: jax.Array, text: jax.Array,
-                     negative_text: jax.Array, steps: int, guidance: float, rng: jax.Array | None = None,
-                     noise: jax.Array | None = None) -> jax.Array:
-    """Denoises ``x_T`` ``(b, f, h, w, c)`` with classifier-free guidance; returns frames in [-1, 1].
-
-    ``text`` and ``negative_text`` are ``(1 or b, L, d)`` encoder states (Show-1 guides against
-    the empty or a negative prompt). ``rng`` or ``noise`` feed the per-step noise (`sample_loop`).
-    """
-    batch = x_T.shape[0]
-    both = jnp.concatenate([jnp.broadcast_to(negative_text, (batch, *negative_text.shape[1:])),
-                            jnp.broadcast_to(text, (batch, *text.shape[1:]))])
-    denoiser = UNetDenoiser(model, scheduler.variance_type == "learned_range")
-    guided = sampling.classifier_free_guidance(denoiser, guidance)
-    frames = sampling.sample_loop(scheduler, guided, x_T, steps, rng=rng, noise=noise,
-                                  denoise_args=(params, both))
-    return jnp.clip(frames, -1.0, 1.0)
-
-
-def inversion_scheduler(model_scheduler: Scheduler, method: str, config_path: str | None) -> Scheduler:
-    """The schedule to invert on: the model's own, or for "official" the given (default: released) config."""
-    if config_path:
-        return schedulers.from_config(config_path)
-    if method == "official":
-        return schedulers.from_config(inversion.RELEASED_INVERSION_SCHEDULER)
-    return model_scheduler
 
 
 def load_keyframe_unet(config: jobs_config.Job) -> tuple[nn.Module, Any, Scheduler]:
@@ -95,7 +53,7 @@ def load_keyframe_unet(config: jobs_config.Job) -> tuple[nn.Module, Any, Schedul
 def training_clip(config: jobs_config.Job) -> np.ndarray:
     """The clip the job tunes on, ``(f, h, w, 3)`` in [-1, 1]."""
     d = config.data
-    return data.load_clip(config.video, d.num_frames, d.height, d.width, d.stride, d.start, d.reverse)
+    return video_io.load_clip(config.video, d.num_frames, d.height, d.width, d.stride, d.start, d.reverse)
 
 
 def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: np.ndarray,
@@ -111,7 +69,7 @@ def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: n
         x_T = jax.random.normal(jax.random.PRNGKey(seed), (1, *clip.shape), jnp.float32)
     else:
         inv_scheduler = inversion_scheduler(scheduler, inversion_settings.method, inversion_settings.scheduler)
-        x_T = inversion.ddim_invert(model, params, clip[None], texts[""][None], inv_scheduler,
+        x_T = keyframe_sampling.ddim_invert(model, params, clip[None], texts[""][None], inv_scheduler,
                                     inversion_settings.steps, method=inversion_settings.method)
     return [np.asarray(sample_keyframes(model, params, scheduler, x_T, texts[p][None], texts[s.negative_prompt][None],
                                         s.steps, s.guidance, jax.random.PRNGKey(seed))[0], np.float32)
@@ -129,7 +87,7 @@ def write_videos(videos: list[np.ndarray], prompt_list: list[str], out_dir: str,
             if not overwrite:
                 stem = _unused_stem(stem)
             for ext in VIDEO_FORMATS:
-                data.save_video(video, f"{stem}.{ext}", fps=fps)
+                video_io.save_video(video, f"{stem}.{ext}", fps=fps)
                 written.append(f"{stem}.{ext}")
     return written
 

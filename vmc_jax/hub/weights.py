@@ -8,9 +8,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from vmc_jax import checkpoints
-from vmc_jax.conversion import find_weights_file, read_state_dict, torch_to_flax
-from vmc_jax.conversion.readers import LazyStateDict
+from vmc_jax.hub import converted_store
+from vmc_jax.hub.conversion import find_weights_file, read_state_dict, torch_to_flax
+from vmc_jax.hub.conversion.readers import LazyStateDict
 
 
 def abstract_params(model: nn.Module) -> Any:
@@ -26,8 +26,8 @@ def load_params(path: str, model: nn.Module, weight_stems: tuple[str, ...], dtyp
     drops PyTorch tensors a family stores differently. Tensors are read one at a time.
     """
     shapes = abstract_params(model)
-    if checkpoints.is_converted_model(path):
-        return checkpoints.restore_params(path, shapes, dtype)
+    if converted_store.is_converted_model(path):
+        return converted_store.restore_params(path, shapes, dtype)
     weights = find_weights_file(path, weight_stems)
     state_dict = read_state_dict(weights)
     if adapt is not None:
@@ -39,4 +39,4 @@ def model_config(path: str) -> tuple[dict, str]:
     """The ``config.json`` of a model folder and its path (for error messages)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path!r}")
-    return checkpoints.read_config(path), os.path.join(path, checkpoints.CONFIG_FILE)
+    return converted_store.read_config(path), os.path.join(path, converted_store.CONFIG_FILE)

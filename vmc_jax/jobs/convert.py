@@ -21,8 +21,9 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from vmc_jax import checkpoints, files, text
-from vmc_jax.loading import load_unet
+from vmc_jax import files
+from vmc_jax.hub import converted_store, text_loading
+from vmc_jax.hub.unet_loading import load_unet
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,13 @@ class UnsupportedModel(ValueError):
 
 
 def _load_vae(path: str) -> tuple[Any, Any]:
-    """``vmc_jax.vae.load_vae``, imported only when a VAE is converted."""
+    """``vmc_jax.hub.vae_loading.load_vae``, imported only when a VAE is converted."""
     try:
-        from vmc_jax.vae import load_vae
+        from vmc_jax.hub.vae_loading import load_vae
     except ModuleNotFoundError as e:
-        if e.name != "vmc_jax.vae":
+        if e.name != "vmc_jax.hub.vae_loading":
             raise
-        raise NotImplementedError(f"{path}: converting an AutoencoderKL needs vmc_jax.vae, which is missing") from e
+        raise NotImplementedError(f"{path}: converting an AutoencoderKL needs vmc_jax.hub.vae_loading, which is missing") from e
     return load_vae(path)
 
 
@@ -66,15 +67,15 @@ class Converter:
     def __call__(self, src: str, dst: str) -> None:
         """Converts the model folder ``src`` into the Flax checkpoint folder ``dst``."""
         _, params = self.load(src)
-        self.save(dst, checkpoints.read_config(src), params)
+        self.save(dst, converted_store.read_config(src), params)
 
 
 CONVERTERS: tuple[Converter, ...] = (
     Converter("UNet", "_class_name", ("UNet3DConditionModel", "UNet2DConditionModel"), load_unet,
-              checkpoints.save_model),
-    Converter("VAE", "_class_name", ("AutoencoderKL",), _load_vae, checkpoints.save_model),
-    Converter("text encoder", "model_type", ("t5", "clip_text_model"), text.load_text_encoder,
-              text.save_converted),
+              converted_store.save_model),
+    Converter("VAE", "_class_name", ("AutoencoderKL",), _load_vae, converted_store.save_model),
+    Converter("text encoder", "model_type", ("t5", "clip_text_model"), text_loading.load_text_encoder,
+              text_loading.save_converted),
 )
 
 
@@ -98,12 +99,12 @@ def convert(src: str, dst: str, overwrite: bool = False) -> list[str]:
         raise FileNotFoundError(f"SRC not found: {src!r}")
     if os.path.isfile(os.path.join(src, MODEL_INDEX)):
         steps = _pipeline_steps(src, dst)
-    elif os.path.isfile(os.path.join(src, checkpoints.CONFIG_FILE)) and _has_weights(src):
+    elif os.path.isfile(os.path.join(src, converted_store.CONFIG_FILE)) and _has_weights(src):
         steps = [_model_step(src, "", dst)]
     else:
         raise ValueError(
             f"{src!r} is neither a pipeline folder (no {MODEL_INDEX}) nor a model folder "
-            f"({checkpoints.CONFIG_FILE} beside weights files)"
+            f"({converted_store.CONFIG_FILE} beside weights files)"
         )
     with files.atomic_dir(dst, overwrite) as tmp:
         for step in tqdm(steps, desc="convert", unit="component", disable=None):
@@ -114,10 +115,10 @@ def convert(src: str, dst: str, overwrite: bool = False) -> list[str]:
 
 def converter_for(folder: str) -> Converter:
     """The converter for the model folder ``folder``, chosen by its config.json; UnsupportedModel if none."""
-    config_path = os.path.join(folder, checkpoints.CONFIG_FILE)
+    config_path = os.path.join(folder, converted_store.CONFIG_FILE)
     if not os.path.isfile(config_path):
-        raise UnsupportedModel(f"{folder}: weights without a {checkpoints.CONFIG_FILE}")
-    config = checkpoints.read_config(folder)
+        raise UnsupportedModel(f"{folder}: weights without a {converted_store.CONFIG_FILE}")
+    config = converted_store.read_config(folder)
     for converter in CONVERTERS:
         if converter.accepts(config):
             return converter

@@ -1,7 +1,7 @@
 """``vmc-jax plan``: compile a job's programs ahead of time for a TPU slice, GPUs or CPU devices.
 
 Every program is the job's own jitted function (`training.make_train_step`, `inversion.ddim_invert`'s
-loop, `generate.sample_keyframes`, the `cascade` stages), lowered on abstract params and inputs
+loop, `keyframe_sampling.sample_keyframes`, the `cascade` stages), lowered on abstract params and inputs
 (``jax.ShapeDtypeStruct`` with the job's shardings; nothing is allocated) at the sizes of the
 config's model folders, and compiled for the target's devices. A TPU target needs libtpu
 (``pip install -e ".[tpu]"``): ``jax.experimental.topologies`` gives a TPU topology's devices on
@@ -25,14 +25,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vmc_jax import cascade, generate, inversion, parallel, schedulers, tiny_pipeline, training, xla_cpu
+from vmc_jax import cascade, keyframe_sampling, parallel, schedulers, training
 from vmc_jax.errors import JobError
+from vmc_jax.hub import tiny_pipeline
+from vmc_jax.hub.unet_loading import build_unet
+from vmc_jax.hub.weights import abstract_params, model_config
 from vmc_jax.jobs import config as jobs_config
-from vmc_jax.loading import build_unet
-from vmc_jax.models import attention_core
-from vmc_jax.weights import abstract_params, model_config
+from vmc_jax.kernels import attention_core, xla_cpu
 
-REAL_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+REAL_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "models")
 GiB = 2**30
 PLAN_STAGES = ("train", "keyframes", "cascade")  # the train step; inversion and sampling; the pixel stages after
 
@@ -244,11 +245,11 @@ def keyframe_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     params = _abstract(params, replicated)
     clip = jax.ShapeDtypeStruct((1, c.data.num_frames, c.data.height, c.data.width, model.config.in_channels),
                                 jnp.float32, sharding=replicated)
-    inv_scheduler = generate.inversion_scheduler(scheduler, c.inversion.method, c.inversion.scheduler)
+    inv_scheduler = keyframe_sampling.inversion_scheduler(scheduler, c.inversion.method, c.inversion.scheduler)
     invert_args = (model, inv_scheduler, 1, c.inversion.method, False, params, clip, text)
-    sample = jax.jit(generate.sample_keyframes, static_argnums=(0, 2, 6, 7))
+    sample = jax.jit(keyframe_sampling.sample_keyframes, static_argnums=(0, 2, 6, 7))
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-    return [Program("inversion_step", inversion._invert_jit, invert_args, {},  # ddim_invert's compiled loop
+    return [Program("inversion_step", keyframe_sampling._invert_jit, invert_args, {},  # ddim_invert's compiled loop
                     c.inversion.steps),
             Program("keyframe_sampling_step", sample, (model, params, scheduler, clip, text, text, 1,
                                                        c.sampling.guidance, key), {}, c.sampling.steps)]

@@ -6,7 +6,7 @@ again with the same workdir resumes from its last readable checkpoint and ends b
 an uninterrupted one. The first non-finite step stops the run (``train.non_finite="stop"``) or
 is skipped and counted ("skip"); no checkpoint ever holds its values. SIGTERM or SIGINT (a
 preempted VM, a scheduler, Ctrl-C) stops it after the current step with a checkpoint, on every
-process of a job at the same step (`vmc_jax.preemption`).
+process of a job at the same step (`vmc_jax.jobs.preemption`).
 
 The step runs under ``jit`` on the ``config.mesh`` devices (`vmc_jax.parallel`), on one host or
 several: every process runs the loop, feeds its own rows of the batch and writes its part of
@@ -24,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from vmc_jax import cascade_runner, checkpoints, generate, parallel, preemption, prompts, training, workdir
-from vmc_jax.jobs import config as jobs_config, loop
+from vmc_jax import parallel, prompts, training
+from vmc_jax.jobs import cascade_runner, checkpoints, config as jobs_config, generate, loop, preemption, workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, job_dir: str, strict: bool = False) -> training.TrainState:

@@ -26,7 +26,7 @@ import tempfile
 
 import jax
 
-KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
 FLASH_ATTENTION_SOURCE = "flash_attention_cpu.cc"
 FLASH_FORWARD = "vmc_flash_attention_forward"
 FLASH_BACKWARD = "vmc_flash_attention_backward"

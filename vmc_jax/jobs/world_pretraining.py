@@ -1,7 +1,7 @@
 """Pretraining a small Show-1-style keyframe model on the moving-shapes world, from a seed.
 
 ``pretrain(config, workdir)`` (config: ``configs/world.py``) writes a hub-layout pipeline into
-``workdir/pipeline`` (the Show-1 base layout of :mod:`vmc_jax.tiny_pipeline`, with the world's
+``workdir/pipeline`` (the Show-1 base layout of :mod:`vmc_jax.hub.tiny_pipeline`, with the world's
 words in the tokenizer), trains every UNet parameter with the plain denoising MSE through the same
 train step as VMC, on fresh world clips each step, and writes the EMA of the weights back into
 ``pipeline/unet`` so that ``vmc-jax convert`` and ``load_unet`` read the result. The model predicts
@@ -11,7 +11,7 @@ train step as VMC, on fresh world clips each step, and writes the EMA of the wei
 projection learns to read them. A killed run started again
 resumes from its last checkpoint.
 
-    python -m vmc_jax.world_pretraining --config configs/world.py:16x24 --workdir workdirs/world
+    vmc-jax world-pretrain --config configs/world.py:16x24 --workdir workdirs/world
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -28,10 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vmc_jax import checkpoints, files, generate, preemption, prompts, schedulers, tiny_pipeline, training, world
-from vmc_jax.errors import TrainingStopped
-from vmc_jax.jobs import loop
-from vmc_jax.loading import load_unet, to_torch_state_dict
+from vmc_jax import files, keyframe_sampling, prompts, schedulers, training, world
+from vmc_jax.hub import tiny_pipeline
+from vmc_jax.hub.unet_loading import load_unet, to_torch_state_dict
+from vmc_jax.jobs import checkpoints, loop, preemption
 
 PIPELINE = "pipeline"
 METRICS_FILE = "pretrain_metrics.jsonl"
@@ -40,10 +39,10 @@ UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # so that sampling from inverted noise is deterministic (per-frame ancestral noise at 25 steps makes
 # this small model's backgrounds flicker). The prediction type is the model's (config.model).
 SCHEDULER_CONFIG = {**tiny_pipeline.SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "variance_type": "fixed_small"}
-# The model trained by `python -m vmc_jax.world_pretraining` (configs/world.py:16x24 and the
+# The model trained by `vmc-jax world-pretrain` (configs/world.py:16x24 and the
 # overrides in README's "The moving-shapes world"), shipped as fp16, with its seed, widths and
 # prediction type.
-PRETRAINED_UNET = os.path.join(os.path.dirname(__file__), "assets", "world_unet.fp16.safetensors")
+PRETRAINED_UNET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "world_unet.fp16.safetensors")
 PRETRAINED_SEED = 0
 PRETRAINED_MODEL = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 16,
                     "norm_num_groups": 32, "prediction_type": "epsilon"}
@@ -210,7 +209,7 @@ def sample_world(pipeline: str, workdir: str, prompt_list: Sequence[str], num_fr
     scheduler = schedulers.from_config(pipeline, _class_name="DDIMScheduler", **no_clipping)
     texts = prompts.embed_prompts(pipeline, [*prompt_list, ""], workdir)
     x_T = jax.random.normal(jax.random.PRNGKey(seed), (len(prompt_list), num_frames, height, width, 3))
-    frames = generate.sample_keyframes(model, params, scheduler, x_T, jnp.stack([texts[p] for p in prompt_list]),
+    frames = keyframe_sampling.sample_keyframes(model, params, scheduler, x_T, jnp.stack([texts[p] for p in prompt_list]),
                                        jnp.asarray(texts[""])[None], steps, guidance, jax.random.PRNGKey(seed + 1))
     return (np.asarray(frames, np.float32) + 1) / 2
 
@@ -241,29 +240,3 @@ def _metric_rows(fetched: loop.Fetched, seconds_per_step: float) -> list[list[di
     """The loss log's row of the fetched steps: their mean loss (the first row's seconds include compiling)."""
     loss = float(np.mean([per_clip[0]["loss"] for _, per_clip in fetched]))
     return [[{"step": fetched[-1][0], "loss": loss, "seconds_per_step": seconds_per_step}]]
-
-
-def main(argv: list[str]) -> None:
-    """``python -m vmc_jax.world_pretraining --config configs/world.py[:HxW] --workdir W``."""
-    from absl import flags
-
-    del argv
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        print(pretrain(flags.FLAGS.config, flags.FLAGS.workdir))
-    except TrainingStopped as stopped:
-        preemption.exit_stopped(stopped, "world_pretraining", ["python", "-m", "vmc_jax.world_pretraining"])
-    except (OSError, ValueError) as err:  # a bad config value or file: one line, exit 2 (as vmc-jax)
-        print(f"world_pretraining: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "configs/world.py[:HxW]", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where the pipeline, checkpoints and loss log go.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)

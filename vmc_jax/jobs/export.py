@@ -12,9 +12,11 @@ import os
 import ml_collections
 import numpy as np
 
-from vmc_jax import checkpoints, files, workdir
+from vmc_jax import files
 from vmc_jax.errors import JobError
-from vmc_jax.loading import build_unet, to_torch_state_dict
+from vmc_jax.hub import converted_store
+from vmc_jax.hub.unet_loading import build_unet, to_torch_state_dict
+from vmc_jax.jobs import checkpoints, workdir
 
 
 def export_tuned(config: ml_collections.ConfigDict, job_dir: str, out: str, overwrite: bool = False,
@@ -28,7 +30,7 @@ def export_tuned(config: ml_collections.ConfigDict, job_dir: str, out: str, over
     if step is None:
         raise JobError(f"no checkpoint in {store.directory} to export")
     unet_folder = os.path.join(config.pretrained, "unet")
-    state_dict = to_torch_state_dict(build_unet(checkpoints.read_config(unet_folder), source=unet_folder),
+    state_dict = to_torch_state_dict(build_unet(converted_store.read_config(unet_folder), source=unet_folder),
                                      state["tuned"])
     bad = sorted(name for name, value in state_dict.items() if not np.all(np.isfinite(value)))
     if bad:

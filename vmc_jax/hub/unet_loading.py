@@ -9,10 +9,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from vmc_jax.conversion import flax_to_torch
+from vmc_jax.hub.conversion import flax_to_torch
+from vmc_jax.hub.weights import abstract_params, load_params, model_config
 from vmc_jax.models.unet import UNet
 from vmc_jax.models.unet_config import UNetConfig
-from vmc_jax.weights import abstract_params, load_params, model_config
 
 UNET_WEIGHTS = ("diffusion_pytorch_model",)
 

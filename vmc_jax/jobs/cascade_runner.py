@@ -15,10 +15,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from vmc_jax import cascade, checkpoints, schedulers
+from vmc_jax import cascade, schedulers
 from vmc_jax.cascade import STAGES
+from vmc_jax.hub import converted_store
+from vmc_jax.hub.unet_loading import load_unet
 from vmc_jax.jobs import config as jobs_config
-from vmc_jax.loading import load_unet
 
 # stage -> the config.cascade fields naming its folders.
 STAGE_FOLDERS = {"interpolation": ("interpolation",), "sr1": ("sr1_image", "sr1"), "sr2": ("sr2",)}
@@ -65,10 +66,10 @@ def check_stage_folders(settings: jobs_config.Cascade, stages: Sequence[str]) ->
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"{where}: no such folder")
             unet = os.path.join(folder, "unet")
-            if not os.path.isfile(os.path.join(unet, checkpoints.CONFIG_FILE)):
-                raise FileNotFoundError(f"{where}: no unet/{checkpoints.CONFIG_FILE} (expected a pipeline folder, "
+            if not os.path.isfile(os.path.join(unet, converted_store.CONFIG_FILE)):
+                raise FileNotFoundError(f"{where}: no unet/{converted_store.CONFIG_FILE} (expected a pipeline folder, "
                                         "hub or `vmc-jax convert` output)")
-            unet_config = UNetConfig.from_dict(checkpoints.read_config(unet), source=unet)
+            unet_config = UNetConfig.from_dict(converted_store.read_config(unet), source=unet)
             family, channels, expected = _EXPECTED_UNET[field]
             in_channels = unet_config.in_channels
             if unet_config.family != family or in_channels != channels:
@@ -82,7 +83,7 @@ def check_stage_folders(settings: jobs_config.Cascade, stages: Sequence[str]) ->
 
 def _downsampling(folder: str, part: str) -> int:
     """The factor by which a model folder's UNet or VAE divides the spatial size."""
-    return 2 ** (len(checkpoints.read_config(os.path.join(folder, part))["block_out_channels"]) - 1)
+    return 2 ** (len(converted_store.read_config(os.path.join(folder, part))["block_out_channels"]) - 1)
 
 
 def check_sizes(settings: jobs_config.Cascade, stages: Sequence[str], num_frames: int, height: int,
@@ -180,8 +181,8 @@ def sr2_input(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _sr2(s: jobs_config.Cascade, videos: list[jax.Array], run: _Run) -> list[jax.Array]:
-    from vmc_jax.text import encode_prompts, load_text_encoder, load_tokenizer
-    from vmc_jax.vae import load_vae
+    from vmc_jax.hub.text_loading import encode_prompts, load_text_encoder, load_tokenizer
+    from vmc_jax.hub.vae_loading import load_vae
 
     encoder, encoder_params = load_text_encoder(os.path.join(s.sr2, "text_encoder"))
     tokenizer = load_tokenizer(s.sr2)

@@ -19,8 +19,8 @@ import numpy as np
 from flax import traverse_util
 
 from vmc_jax import files
-from vmc_jax.loading import abstract_params, build_unet, to_torch_state_dict
-from vmc_jax.text import text_encoder_from_config
+from vmc_jax.hub.text_loading import text_encoder_from_config
+from vmc_jax.hub.unet_loading import abstract_params, build_unet, to_torch_state_dict
 
 # The example prompts of configs/vmc.py (and its "tiny" ones); the tokenizer has a piece per word.
 PROMPTS = (
