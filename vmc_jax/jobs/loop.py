@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -42,10 +41,10 @@ class Settings:
     description: str = "training"  # the progress bar's
 
     @classmethod
-    def from_config(cls, train: ml_collections.ConfigDict, description: str) -> "Settings":
-        """The settings of a job's ``config.train`` (fields it lacks keep their defaults)."""
-        return cls(train.steps, train.log_every, train.checkpoint_every, train.get("time_budget_s", 0),
-                   train.get("stop_at", 0), train.get("non_finite", "skip"), train.lr, description)
+    def from_config(cls, train: Any, description: str) -> "Settings":
+        """The settings of a job's train section (typed or a ConfigDict; fields it lacks keep their defaults)."""
+        return cls(train.steps, train.log_every, train.checkpoint_every, getattr(train, "time_budget_s", 0),
+                   getattr(train, "stop_at", 0), getattr(train, "non_finite", "skip"), train.lr, description)
 
 
 class Checkpoints(Protocol):

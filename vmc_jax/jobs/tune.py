@@ -37,13 +37,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, job_dir: str, strict: 
     the returned state is then stacked on a leading clip axis, in the order of ``config.clips``.
     ``strict``: refuse an unreadable latest checkpoint instead of resuming from the previous one.
     """
-    jobs_config.Job.from_config(config)
+    job = jobs_config.Job.from_config(config)  # the one read of the ConfigDict: below, its typed sections
     os.makedirs(job_dir, exist_ok=True)
     with preemption.StopOnSignal() as signals:
         if not parallel.is_main_process():  # the main process holds the lock for the whole job
-            return _train(config, job_dir, strict, signals)
+            return _train(job, job_dir, strict, signals)
         with workdir.TrainLock(job_dir):
-            return _train(config, job_dir, strict, signals)
+            return _train(job, job_dir, strict, signals)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,42 +52,39 @@ class _ClipJob:
 
     name: str
     folder: str
-    config: ml_collections.ConfigDict
+    config: jobs_config.Job
 
     @property
     def train_prompt(self) -> str:
         return self.config.invariant_prompt or prompts.appearance_invariant(self.config.prompt)
 
 
-def _clip_jobs(config: ml_collections.ConfigDict, job_dir: str) -> list[_ClipJob]:
-    per_clip = {name: one.to_config() for name, one in jobs_config.Job.from_config(config).one_clip_jobs().items()}
+def _clip_jobs(job: jobs_config.Job, job_dir: str) -> list[_ClipJob]:
+    per_clip = job.one_clip_jobs()
     if not per_clip:
-        return [_ClipJob("", job_dir, config)]
+        return [_ClipJob("", job_dir, job)]
     return [_ClipJob(name, os.path.join(job_dir, name), one) for name, one in per_clip.items()]
 
 
-def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool,
-           signals: preemption.StopOnSignal) -> training.TrainState:
-    c = config
+def _train(c: jobs_config.Job, job_dir: str, strict: bool, signals: preemption.StopOnSignal) -> training.TrainState:
     main = parallel.is_main_process()
     jobs = _clip_jobs(c, job_dir)
-    stacked = bool(c.get("clips"))
-    mesh = parallel.make_mesh(c.mesh)
+    stacked = bool(c.clips)
+    mesh = parallel.make_mesh(dataclasses.asdict(c.mesh))
     if not stacked and mesh.shape["clips"] != 1:
         raise ValueError(f"config.mesh.clips={c.mesh.clips}: a one-clip job; give its devices to config.mesh.data, "
                          "or list several clips in config.clips")
     logging.info("mesh: %s; %d clip(s)", parallel.describe(mesh), len(jobs))
-    checked = jobs_config.Job.from_config(c)
-    stages = cascade_runner.checked_stages(checked, list(checked.validation.stages))  # before any sampling
+    stages = cascade_runner.checked_stages(c, list(c.validation.stages))  # before any sampling
     videos = [generate.training_clip(j.config) for j in jobs]  # what can refuse, before the first write
     model, params, scheduler = generate.load_keyframe_unet(c)
     texts = prompts.embed_prompts(c.pretrained, [*(j.train_prompt for j in jobs), "", c.sampling.negative_prompt,
                                                  *(p for j in jobs for p in j.config.validation.prompts)], job_dir)
     if main:
-        workdir.save_config(job_dir, c)
+        workdir.save_config(job_dir, c.to_config())
         for job in jobs if stacked else ():
             os.makedirs(job.folder, exist_ok=True)
-            workdir.save_config(job.folder, job.config)
+            workdir.save_config(job.folder, job.config.to_config())
     for job, video in zip(jobs, videos):
         logging.info("%straining prompt %r on %s (%d frames, %dx%d)", f"{job.name}: " if job.name else "",
                      job.train_prompt, job.config.video, *video.shape[:3])
@@ -139,7 +136,7 @@ def _train(config: ml_collections.ConfigDict, job_dir: str, strict: bool,
     def validate(state: training.TrainState, step: int) -> None:
         if c.validation.every and (step % c.validation.every == 0 or step == c.train.steps):
             _validate(jobs, videos, model, (training.merge_params(one.tuned, frozen) for one in each_clip(state)),
-                      scheduler, texts, checked.cascade, stages, step, main)
+                      scheduler, texts, c.cascade, stages, step, main)
 
     train_step = training.make_train_step(model, scheduler, optimizer, c.train.loss, per_clip=stacked)
     metrics = loop.MetricsFiles([workdir.metrics_path(j.folder) for j in jobs], _metric_rows(schedule), stacked)
