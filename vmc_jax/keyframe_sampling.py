@@ -3,7 +3,7 @@
 Each step moves ``x`` from the noise level ``a_cur`` up to ``a_next = alphas_cumprod[t]``,
 using the noise the model predicts at timestep ``t`` (from the first ``C`` output channels, read
 as the scheduler's ``prediction_type`` says; the rest are the learned variance). The whole loop
-is one ``lax.scan`` under ``jit``; ``pmap_ddim_invert`` splits a batch of clips over the devices
+is one ``lax.scan`` under ``jit``; ``sharded_ddim_invert`` splits a batch of clips over the devices
 of a mesh (`vmc_jax.parallel`).
 """
 
@@ -102,13 +102,13 @@ def ddim_invert(model: nn.Module, params: Any, x0: jax.Array, encoder_hidden_sta
                        jnp.asarray(encoder_hidden_states))
 
 
-def pmap_ddim_invert(model: nn.Module, params: Any, x0: jax.Array, encoder_hidden_states: jax.Array,
-                     scheduler: Scheduler, num_steps: int, method: str = "model",
-                     return_trajectory: bool = False, mesh: Mesh | None = None) -> jax.Array:
+def sharded_ddim_invert(model: nn.Module, params: Any, x0: jax.Array, encoder_hidden_states: jax.Array,
+                        scheduler: Scheduler, num_steps: int, method: str = "model",
+                        return_trajectory: bool = False, mesh: Mesh | None = None) -> jax.Array:
     """:func:`ddim_invert` with the batch of clips split over the "data" axis of ``mesh``.
 
-    The name is the design card's; the program is one ``jit`` over the mesh (default: every
-    device of the job on "data"), the sharding model of the whole library, not ``jax.pmap``.
+    One ``jit`` over the mesh (default: every device of the job on "data"), the sharding model of
+    the whole library (the design card's "pmapped" inversion, without ``jax.pmap``).
     ``x0`` is the whole batch, the same on every process. A batch that does not divide the axis
     is padded with copies of its last clip and the padding is dropped from the result
     (`parallel` module policy). Returns a global array.
@@ -116,7 +116,7 @@ def pmap_ddim_invert(model: nn.Module, params: Any, x0: jax.Array, encoder_hidde
     mesh = parallel.make_mesh() if mesh is None else mesh
     x0 = jnp.asarray(x0)
     text = jnp.broadcast_to(jnp.asarray(encoder_hidden_states), (x0.shape[0], *encoder_hidden_states.shape[1:]))
-    (x0, text), batch = parallel.pad_batch((x0, text), mesh.shape["data"], "pmap_ddim_invert")
+    (x0, text), batch = parallel.pad_batch((x0, text), mesh.shape["data"], "sharded_ddim_invert")
     x0, text = parallel.put_global(mesh, (x0, text), "data")
     params = parallel.put_global(mesh, params)
     out = _invert_jit(model, scheduler, num_steps, method, return_trajectory, params, x0, text)

@@ -1,4 +1,4 @@
-"""DDIM inversion: the released formula, reconstruction, and the pmapped version."""
+"""DDIM inversion: the released formula, reconstruction, and the sharded version."""
 
 import logging
 
@@ -90,7 +90,7 @@ def test_inversion_of_a_v_prediction_model(keyframes):
     assert error <= 1e-4, error
 
 
-def test_pmapped_inversion_equals_single_device_runs(keyframes, caplog):
+def test_sharded_inversion_equals_single_device_runs(keyframes, caplog):
     model, params, x0, text = keyframes
     assert jax.local_device_count() == 4
     clips = jnp.concatenate([x0, -x0])
@@ -100,16 +100,16 @@ def test_pmapped_inversion_equals_single_device_runs(keyframes, caplog):
         np.asarray(keyframe_sampling.ddim_invert(model, params, clips[i:i + 1], texts[i:i + 1], scheduler, 3))
         for i in range(4)
     ])
-    spread = keyframe_sampling.pmap_ddim_invert(model, params, clips, texts, scheduler, 3)
+    spread = keyframe_sampling.sharded_ddim_invert(model, params, clips, texts, scheduler, 3)
     np.testing.assert_allclose(np.asarray(spread), singles, rtol=1e-5, atol=1e-5)
 
     flipped = clips[:, ::-1]
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
-        again = keyframe_sampling.pmap_ddim_invert(model, params, flipped, texts, scheduler, 3)
+        again = keyframe_sampling.sharded_ddim_invert(model, params, flipped, texts, scheduler, 3)
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()], "second call recompiled"
     with caplog.at_level(logging.WARNING):
-        padded = keyframe_sampling.pmap_ddim_invert(model, params, clips[:3], texts[:3], scheduler, 3)
-    assert "pmap_ddim_invert: a batch of 3 padded to 4" in caplog.text
+        padded = keyframe_sampling.sharded_ddim_invert(model, params, clips[:3], texts[:3], scheduler, 3)
+    assert "sharded_ddim_invert: a batch of 3 padded to 4" in caplog.text
     np.testing.assert_allclose(np.asarray(padded), singles[:3], rtol=1e-5, atol=1e-5)
     assert not np.allclose(np.asarray(again), singles)
 
