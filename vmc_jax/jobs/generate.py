@@ -60,20 +60,23 @@ def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: n
                     texts: dict[str, np.ndarray], prompt_list: list[str], inversion_settings: jobs_config.Inversion,
                     sampling_settings: jobs_config.Sampling, seed: int) -> list[np.ndarray]:
     """One keyframe video ``(f, h, w, 3)`` in [-1, 1] per prompt, sampled from the noise ``clip`` inverts to
-    with ``params`` (``sampling_settings.init`` "inverted") or from seeded random noise ("random").
+    with ``params`` (``sampling_settings.init`` "inverted", the same for every prompt) or from seeded
+    random noise ("random": a draw of its own for each prompt, rows of one ``seed``'s draw).
 
     ``texts`` holds the encoder states of "" , the negative prompt and every prompt.
     """
     s = sampling_settings
     if s.init == "random":
-        x_T = jax.random.normal(jax.random.PRNGKey(seed), (1, *clip.shape), jnp.float32)
+        x_T = jax.random.normal(jax.random.PRNGKey(seed), (len(prompt_list), *clip.shape), jnp.float32)
     else:
         inv_scheduler = inversion_scheduler(scheduler, inversion_settings.method, inversion_settings.scheduler)
         x_T = keyframe_sampling.ddim_invert(model, params, clip[None], texts[""][None], inv_scheduler,
-                                    inversion_settings.steps, method=inversion_settings.method)
-    return [np.asarray(sample_keyframes(model, params, scheduler, x_T, texts[p][None], texts[s.negative_prompt][None],
-                                        s.steps, s.guidance, jax.random.PRNGKey(seed))[0], np.float32)
-            for p in prompt_list]
+                                            inversion_settings.steps, method=inversion_settings.method)
+        x_T = jnp.broadcast_to(x_T, (len(prompt_list), *clip.shape))
+    return [np.asarray(sample_keyframes(model, params, scheduler, x_T[i:i + 1], texts[p][None],
+                                        texts[s.negative_prompt][None], s.steps, s.guidance,
+                                        jax.random.PRNGKey(seed))[0], np.float32)
+            for i, p in enumerate(prompt_list)]
 
 
 def write_videos(videos: list[np.ndarray], prompt_list: list[str], out_dir: str, fps: float,
