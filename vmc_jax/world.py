@@ -77,16 +77,21 @@ _PLACES = {phrase: name for name, (_, phrase) in BACKGROUNDS.items()}
 
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
     """(colour, shape, background) of a world prompt; the inverse of :func:`prompt_for`."""
-    match = _PROMPT.match(prompt.strip().lower())
-    if not match or match["place"] not in _PLACES:
+    match = _world_match(prompt)
+    if match is None:
         raise ValueError(f"not a world prompt: {prompt!r}; expected e.g. {prompt_for('red', 'square', 'snow')!r}")
     return match["colour"], match["shape"], _PLACES[match["place"]]
 
 
 def is_world_prompt(prompt: str) -> bool:
     """Whether :func:`parse_prompt` reads ``prompt``."""
+    return _world_match(prompt) is not None
+
+
+def _world_match(prompt: str) -> re.Match | None:
+    """The match of a world prompt (a known colour, shape and place), or None."""
     match = _PROMPT.match(prompt.strip().lower())
-    return bool(match) and match["place"] in _PLACES
+    return match if match and match["place"] in _PLACES else None
 
 
 def vocabulary() -> list[str]:
