@@ -1,14 +1,24 @@
-"""Shared test setup and fixtures: float32 matmuls at full precision, four host devices, the tiny
-pipeline, and a marker per kind of test from its folder (unit, parity, end_to_end).
+"""Shared test setup and fixtures: float32 matmuls at full precision, four host devices, one XLA
+compilation cache, the tiny pipeline, and a marker per kind of test from its folder (unit, parity,
+end_to_end).
 
 The helpers and constants the tests import are in helpers.py.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Four host devices, so the multi-device code paths run on a CPU-only machine; set before jax starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# One persistent compilation cache for the session, inherited by the jobs the end-to-end tests start
+# as subprocesses: the same tiny programs are compiled by many tests and processes, each once here.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vmc_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -5,6 +5,7 @@ paths, the bundled Show-1 fixtures and their tolerances, and the tiny job config
 """
 
 import os
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,20 @@ def output_and_tuned_grads(model, params, io):
         return out, pullback(proj)[0]
 
     return jax.jit(run)(tuned, fixture_inputs(io), channels_last(io["grad_proj"]))
+
+
+def uncached(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the session's compilation cache (conftest.py), for the processes of a
+    multi-process job: a 2-process resume from cached executables failed to set up its gloo
+    collectives ("Gloo context initialization failed"), a fresh compile did not."""
+    return {key: value for key, value in env.items() if key != "JAX_COMPILATION_CACHE_DIR"}
+
+
+def free_port() -> int:
+    """A localhost port free now: a multi-process job's coordinator."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def tiny_config(pretrained: str, steps: int = 4):

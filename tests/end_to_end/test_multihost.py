@@ -17,16 +17,17 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import CLIP, FAST_COMPILE_ENV, REPO, free_port, uncached
 from safetensors.numpy import load_file
 
-from helpers import CLIP, FAST_COMPILE_ENV, REPO
+from vmc_jax.jobs.export import export_tuned
+from vmc_jax.jobs.workdir import load_config
 
 STEPS = 8
 DELTA_RTOL = 1e-4  # of each tensor's largest change
@@ -53,7 +54,7 @@ def env(devices: int | None = None) -> dict[str, str]:
 
 def two_processes(args: list[str], logdir: str) -> subprocess.Popen:
     return subprocess.Popen(["bash", os.path.join(REPO, "scripts", "local_multihost.sh"), "2", *args],
-                            env={**env(), "DEVICES": "2", "LOGDIR": logdir}, stdout=subprocess.PIPE,
+                            env={**uncached(env()), "DEVICES": "2", "LOGDIR": logdir}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -63,9 +64,8 @@ def finished(process: subprocess.Popen) -> None:
 
 
 def exported(workdir: str) -> dict[str, np.ndarray]:
-    out = os.path.join(workdir, "delta.safetensors")
-    subprocess.run([sys.executable, "-m", "vmc_jax.cli", "export", "--workdir", workdir, "--out", out],
-                   env=env(1), check=True, capture_output=True, timeout=600)
+    """The job's tuned delta as `vmc-jax export` writes it (in this process: reading needs no compile)."""
+    out = export_tuned(load_config(workdir), workdir, os.path.join(workdir, "delta.safetensors"))
     return load_file(out)
 
 
@@ -142,19 +142,13 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(pretrained, tmp_pa
     assert metrics(runs["killed"]) == metrics(runs["two_by_two"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_a_process_that_never_joins_ends_the_job_in_one_line(tmp_path):
     """Process 1 never starts: process 0 stops after --join_timeout with one line, not JAX's 300 s abort dump."""
     port, start = free_port(), time.time()
     args = job_args(str(tmp_path / "not_read"), str(tmp_path / "w"))
     done = subprocess.run([sys.executable, "-m", "vmc_jax.cli", *args, f"--coordinator=localhost:{port}",
                            "--num_processes=2", "--process_id=0", "--join_timeout=3"],
-                          env=env(2), capture_output=True, text=True, timeout=120)
+                          env=uncached(env(2)), capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [
         f"vmc-jax: error: the 2 processes of the job did not all join within 3 s (coordinator localhost:{port}); "
@@ -174,7 +168,7 @@ time.sleep(120)
 def test_a_peer_that_dies_ends_the_others_in_one_line_naming_it():
     """Process 1 is killed: process 0 stops within the heartbeat timeout, naming process 1 (exit 1)."""
     code = JOIN_AND_WAIT.format(port=free_port())
-    processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env(1), stdout=subprocess.PIPE,
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=uncached(env(1)), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for i in range(2)]
     for process in processes:
         assert process.stdout.readline().strip() == "joined"

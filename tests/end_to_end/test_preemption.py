@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from helpers import CLIP, FAST_COMPILE_ENV, REPO, tiny_config
+from helpers import CLIP, FAST_COMPILE_ENV, REPO, free_port, tiny_config, uncached
 
 from vmc_jax import files, training
 from vmc_jax.errors import TrainingStopped
@@ -132,18 +131,9 @@ def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 # --- the command line: signals from outside, at moments seen from outside -----------------------------
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> str:
-    """A persistent compilation cache for the module's one-process commands: each program compiled once."""
-    return str(tmp_path_factory.mktemp("compile_cache"))
-
-
-def cli_env(devices: int, cache: str | None) -> dict[str, str]:
-    """This venv's commands first on PATH, ``devices`` CPU devices, XLA mostly unoptimised (behaviour
-    only), and the compiled programs cached in ``cache`` (None: none)."""
-    cached = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"} if cache else {}
-    return {**os.environ, **FAST_COMPILE_ENV, **cached, "JAX_PLATFORMS": "cpu",
+def cli_env(devices: int) -> dict[str, str]:
+    """This venv's commands first on PATH, ``devices`` CPU devices, XLA mostly unoptimised (behaviour only)."""
+    return {**os.environ, **FAST_COMPILE_ENV, "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
 
@@ -207,9 +197,8 @@ def stopped_line(program: str, job: str) -> re.Pattern:
                       rf"written in {re.escape(job)}; resume with: (.+)")
 
 
-def test_cli_sigterm_exits_3_naming_the_resume_command_and_a_second_sigint_ends_at_once(tiny_pipeline_flax, tmp_path,
-                                                                                       compile_cache):
-    job, env = str(tmp_path / "job"), cli_env(1, compile_cache)
+def test_cli_sigterm_exits_3_naming_the_resume_command_and_a_second_sigint_ends_at_once(tiny_pipeline_flax, tmp_path):
+    job, env = str(tmp_path / "job"), cli_env(1)
     command = train_command(tiny_pipeline_flax, job)
 
     run = Run(command, str(tmp_path / "1.log"), env)
@@ -243,12 +232,6 @@ def test_cli_sigterm_exits_3_naming_the_resume_command_and_a_second_sigint_ends_
     assert checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job)).restore_latest()[0] == STEPS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def two_processes(pretrained: str, job: str, logs: str, env: dict[str, str]) -> list[Run]:
     """The tiny job as 2 processes x 2 CPU devices (jax.distributed on localhost), as a pod slice runs it."""
     port = free_port()
@@ -258,9 +241,8 @@ def two_processes(pretrained: str, job: str, logs: str, env: dict[str, str]) -> 
 
 def test_two_processes_stop_after_the_same_step_and_resume(tiny_pipeline_flax, tmp_path):
     """Behaviour only (a 1-process resume is compared bit for bit above, a 2-process one after a kill in
-    end_to_end/test_multihost.py); no compilation cache: here a 2-process resume from cached executables
-    failed to set up its gloo collectives ("Gloo context initialization failed"), a fresh compile did not."""
-    env, job = cli_env(2, cache=None), str(tmp_path / "job")
+    end_to_end/test_multihost.py)."""
+    env, job = uncached(cli_env(2)), str(tmp_path / "job")
     runs = two_processes(tiny_pipeline_flax, job, str(tmp_path / "stopped"), env)
     runs[0].wait_until(logged(workdir.metrics_path(job), 1), "a logged step")
     for run in runs:  # one SIGTERM to each process, as a preempted slice gets
@@ -276,14 +258,13 @@ def test_two_processes_stop_after_the_same_step_and_resume(tiny_pipeline_flax, t
     assert checkpoints.TrainCheckpoints(workdir.checkpoints_dir(job)).restore_latest()[0] == STEPS
 
 
-def test_world_pretraining_stops_with_exit_3_and_its_checkpoint_and_resumes(tmp_path, compile_cache):
+def test_world_pretraining_stops_with_exit_3_and_its_checkpoint_and_resumes(tmp_path):
     """Behaviour (a resume of world pretraining is compared bit for bit in end_to_end/test_world_pretraining.py)."""
     folder = str(tmp_path / "world")
     command = ["vmc-jax", "world-pretrain", "--config", "configs/world.py:test", "--workdir", folder,
-               "--config.data.num_frames=4", "--config.data.height=8", "--config.data.width=16",
                f"--config.train.steps={STEPS}"]
     metrics = os.path.join(folder, world_pretraining.METRICS_FILE)
-    run = Run(command, str(tmp_path / "stopped.log"), cli_env(1, compile_cache))
+    run = Run(command, str(tmp_path / "stopped.log"), cli_env(1))
     run.wait_until(logged(metrics, 1), "a logged step")
     run.signal(signal.SIGTERM)
     code, line = run.finish()
@@ -294,6 +275,6 @@ def test_world_pretraining_stops_with_exit_3_and_its_checkpoint_and_resumes(tmp_
     assert checkpoints.TrainCheckpoints(os.path.join(folder, "checkpoints")).restore_latest()[0] == step
     assert metric_steps(metrics) == list(range(1, step + 1))
 
-    code, line = Run(command, str(tmp_path / "resumed.log"), cli_env(1, compile_cache)).finish()
+    code, line = Run(command, str(tmp_path / "resumed.log"), cli_env(1)).finish()
     assert code == 0, line
     assert metric_steps(metrics) == list(range(1, STEPS + 1))

@@ -20,13 +20,6 @@ from vmc_jax.jobs import world_pretraining
 from vmc_jax.jobs.convert import convert
 
 
-def small_config():
-    config = world_config.get_config("test")
-    config.model.block_out_channels = [32, 32]
-    config.data.num_frames, config.data.height, config.data.width = 4, 8, 16
-    return config
-
-
 def test_epsilon_loss_is_the_mean_squared_error():
     rng = np.random.default_rng(0)
     pred, true, x0 = rng.normal(size=(3, 2, 3, 4, 5, 3)).astype(np.float32)
@@ -47,7 +40,7 @@ def test_world_unet_has_show1_block_types():
 
 @pytest.mark.parametrize("groups, widths", [(32, [32, 64]), (16, [32, 64]), (8, [32, 36])])
 def test_group_norms_of_fewer_than_four_channels_a_group_are_refused(tmp_path, groups, widths):
-    config = small_config()
+    config = world_config.get_config("test")
     config.model.norm_num_groups, config.model.block_out_channels = groups, widths
     with pytest.raises(ValueError, match=f"model.norm_num_groups={groups} with model.block_out_channels="):
         world_pretraining.pretrain(config, str(tmp_path))
@@ -62,7 +55,7 @@ def test_only_groups_of_several_channels_pass_a_frame_mean_to_the_output(groups)
     from vmc_jax.hub import tiny_pipeline
     from vmc_jax.hub.unet_loading import build_unet
 
-    model_config = small_config().model
+    model_config = world_config.get_config("test").model
     model_config.norm_num_groups = groups
     model = build_unet(world_pretraining.world_unet_config(model_config))
     for seed in range(3):
@@ -77,7 +70,8 @@ def test_only_groups_of_several_channels_pass_a_frame_mean_to_the_output(groups)
 
 
 def test_batches_depend_on_seed_and_step_only():
-    config, index = small_config(), {p: i for i, p in enumerate(world_pretraining.world.all_prompts() + [""])}
+    config = world_config.get_config("test")
+    index = {p: i for i, p in enumerate(world_pretraining.world.all_prompts() + [""])}
     a, b = world_pretraining.batch_for_step(config, 5, index), world_pretraining.batch_for_step(config, 5, index)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
@@ -100,7 +94,7 @@ def one_compiled_step(monkeypatch):
 
 
 def test_pretraining_resumes_bit_identical_and_exports_hub_weights(tmp_path, one_compiled_step):
-    config = small_config()
+    config = world_config.get_config("test")
     whole = world_pretraining.pretrain(config, str(tmp_path / "a"))
     # a run killed after logging step 3: its last checkpoint is step 2's
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -135,7 +129,7 @@ def test_pretraining_resumes_bit_identical_and_exports_hub_weights(tmp_path, one
 def test_init_from_starts_from_the_given_weights(tmp_path):
     """`train.init_from` puts a hub-layout UNet file in place of the seed's draw (0 steps: the export is
     that file), and a file of other shapes is refused by name."""
-    config = small_config()
+    config = world_config.get_config("test")
     world_pretraining.make_pipeline(config, str(tmp_path / "donor"))
     donor = str(tmp_path / "donor" / "unet" / world_pretraining.UNET_WEIGHTS)
     config.seed, config.train.steps, config.train.init_from = 1, 0, donor

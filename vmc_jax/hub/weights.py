@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -14,7 +15,14 @@ from vmc_jax.hub.conversion.readers import LazyStateDict
 
 
 def abstract_params(model: nn.Module) -> Any:
-    """The shapes and dtypes of ``model``'s params, without allocating them."""
+    """The shapes and dtypes of ``model``'s params, without allocating them (a fresh tree each call)."""
+    return jax.tree.map(lambda leaf: leaf, _traced_params(model))
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_params(model: nn.Module) -> Any:
+    """``abstract_params`` traced once per model config: tracing ``init`` costs seconds (more at real size)
+    and a job asks for it several times (loading, exporting, planning)."""
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.dummy_inputs())["params"]
 
 
