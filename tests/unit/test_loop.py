@@ -75,6 +75,13 @@ def test_a_run_stopped_then_resumed_ends_as_an_uninterrupted_one(tmp_path, caplo
     assert sorted(store.saved) == [3, 4] and int(stopped["count"]) == 4
     assert [r["step"] for r in rows(path)] == [1, 2, 3, 4]
 
+    with caplog.at_level(logging.WARNING):  # resumed at stop_at (or past it): no step, the state as it was
+        again, _, _ = run(tmp_path, "stopped", loop.Settings(**{**vars(SETTINGS), "stop_at": 4}),
+                          state=store.saved[4], start=4, store=store)
+    assert "at step 4 of 7 already, not before train.stop_at=4: no step taken" in caplog.text
+    assert_same_bits(again, store.saved[4])
+    assert [r["step"] for r in rows(path)] == [1, 2, 3, 4]
+
     resumed, _, path = run(tmp_path, "stopped", state=store.saved[4], start=4, store=store)
     assert_same_bits(resumed, whole)
     assert path.read_text() == whole_metrics.read_text()

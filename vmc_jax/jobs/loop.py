@@ -74,7 +74,7 @@ class MetricsFiles:
 def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[str, jax.Array]]], state: State,
         start: int, checkpoints: Checkpoints, metrics: MetricsFiles, signals: preemption.StopOnSignal, workdir: str,
         after_step: Callable[[State, int], None] | None = None) -> State:
-    """Takes steps ``start`` to ``settings.steps`` (or to a stop) of ``step(state, i) -> (state, metrics)``
+    """Takes steps ``start`` to ``settings.steps`` (or to ``stop_at``, or to a stop) of ``step(state, i) -> (state, metrics)``
     (``i`` from 0; device metrics with "loss" and "finite"); returns the last state.
 
     Every process of a job runs it; only the main one writes rows and shows the bar. After step n: the
@@ -84,6 +84,10 @@ def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[st
     warning; then ``after_step(state, n)``.
     """
     main = parallel.is_main_process()
+    end = min(settings.steps, settings.stop_at) if settings.stop_at else settings.steps
+    if start >= end and start < settings.steps:
+        logging.warning("at step %d of %d already, not before train.stop_at=%d: no step taken", start,
+                        settings.steps, settings.stop_at)
     for path in metrics.paths if main else ():
         files.drop_log_rows_after(path, start)  # a killed run's later rows
     pending, skipped, last_checkpoint = [], [], start or None
@@ -91,7 +95,7 @@ def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[st
     try:
         with tqdm(total=settings.steps, initial=start, desc=settings.description, unit="step",
                   disable=not main) as bar:
-            for i in range(start, settings.steps):
+            for i in range(start, end):
                 state, device_metrics = step(state, i)
                 done = i + 1
                 pending.append((done, device_metrics))
