@@ -50,7 +50,6 @@ _ALLOWED: dict[str, tuple] = {
 # diffusers options implemented only at one value (their default, or DPM-Solver++ itself).
 _FIXED_OPTIONS: dict[str, Any] = {
     "algorithm_type": "dpmsolver++",
-    "rescale_betas_zero_snr": False,
     "use_karras_sigmas": False,
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
@@ -73,18 +72,19 @@ _COMMON_KEYS = {
     "sample_max_value": 1.0,
 }
 _DDIM_KEYS = {"timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0,
-              "set_alpha_to_one": True, "eta": 0.0}
+              "set_alpha_to_one": True, "eta": 0.0, "rescale_betas_zero_snr": False}
 # _class_name -> (algorithm, the config keys it reads with diffusers' defaults). Other keys are
 # ignored, as diffusers ignores them. A PNDM config is read the way `DDIMScheduler.from_config`
 # reads it: the released VMC inverts with Stable Diffusion's PNDM config loaded into DDIM.
 _CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
-    "DDPMScheduler": ("ddpm", {"timestep_spacing": "leading", "clip_sample": True,
-                               "clip_sample_range": 1.0, "variance_type": "fixed_small"}),
+    "DDPMScheduler": ("ddpm", {"timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0,
+                               "variance_type": "fixed_small", "rescale_betas_zero_snr": False}),
     "DDIMScheduler": ("ddim", _DDIM_KEYS),
     "PNDMScheduler": ("ddim", _DDIM_KEYS),
     "DPMSolverMultistepScheduler": ("dpmsolver++", {
         "timestep_spacing": "linspace", "solver_order": 2, "solver_type": "midpoint",
-        "lower_order_final": True, "euler_at_final": False, "final_sigmas_type": "zero"}),
+        "lower_order_final": True, "euler_at_final": False, "final_sigmas_type": "zero",
+        "rescale_betas_zero_snr": False}),  # read to be refused: diffusers moves its last alpha_bar off 0
 }
 _FINAL_SIGMAS = {"zero": True, "sigma_min": False}  # final_sigmas_type -> set_alpha_to_one
 
@@ -125,6 +125,7 @@ class Scheduler:
     solver_type: str = "midpoint"
     lower_order_final: bool = True
     euler_at_final: bool = False
+    rescale_betas_zero_snr: bool = False  # DDIM / DDPM: the betas rescaled so that the last timestep has no signal
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "scheduler config") -> "Scheduler":
@@ -138,6 +139,8 @@ class Scheduler:
         for key, allowed in _ALLOWED.items():
             if getattr(self, key) not in allowed:
                 raise _unsupported(key, getattr(self, key), allowed)
+        if self.rescale_betas_zero_snr and self.algorithm == "dpmsolver++":
+            raise _unsupported("rescale_betas_zero_snr", True, (False,))
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
             raise ValueError(f"scheduler option 'trained_betas' has {len(self.trained_betas)} values, "
                              f"'num_train_timesteps' is {self.num_train_timesteps}")
@@ -145,6 +148,10 @@ class Scheduler:
     @functools.cached_property
     def betas(self) -> np.ndarray:
         """The training noise schedule, float32, equal to diffusers' torch computation."""
+        betas = self._named_betas()
+        return _zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+    def _named_betas(self) -> np.ndarray:
         if self.trained_betas is not None:
             return np.asarray(self.trained_betas, np.float32)
         if self.beta_schedule == "linear":
@@ -159,7 +166,7 @@ class Scheduler:
     @functools.cached_property
     def alphas_cumprod(self) -> np.ndarray:
         """Cumulative product of 1 - beta: float32 factors multiplied in float64, as torch.cumprod does."""
-        return np.cumprod((1 - self.betas).astype(np.float64)).astype(np.float32)
+        return _cumprod_f32(1 - self.betas)
 
     @property
     def final_alpha_cumprod(self) -> np.float32:
@@ -170,6 +177,21 @@ class Scheduler:
     def needs_noise(self) -> bool:
         """Whether `step` adds fresh Gaussian noise (DDPM, DDIM with eta > 0)."""
         return self.algorithm == "ddpm" or (self.algorithm == "ddim" and self.eta > 0)
+
+
+def _cumprod_f32(factors: np.ndarray) -> np.ndarray:
+    """torch.cumprod of float32 factors: multiplied in float64, rounded once to float32."""
+    return np.cumprod(factors.astype(np.float64)).astype(np.float32)
+
+
+def _zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose sqrt(alpha_bar) is shifted to end at 0 and scaled to keep its first value (Lin et al.,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2024), in float32 as diffusers does:
+    the last timestep is pure noise, so a model sampled from noise is trained on what it starts from."""
+    root = np.sqrt(_cumprod_f32(np.float32(1) - betas))
+    first, last = root[0], root[-1]
+    alpha_bar = ((root - last) * (first / (first - last))) ** 2
+    return (np.float32(1) - np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])).astype(np.float32)
 
 
 def _torch_linspace_f32(start: float, end: float, num: int) -> np.ndarray:
