@@ -74,8 +74,9 @@ class MetricsFiles:
 def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[str, jax.Array]]], state: State,
         start: int, checkpoints: Checkpoints, metrics: MetricsFiles, signals: preemption.StopOnSignal, workdir: str,
         after_step: Callable[[State, int], None] | None = None) -> State:
-    """Takes steps ``start`` to ``settings.steps`` (or to ``stop_at``, or to a stop) of ``step(state, i) -> (state, metrics)``
-    (``i`` from 0; device metrics with "loss" and "finite"); returns the last state.
+    """Takes steps ``start`` to ``settings.steps`` (or to ``stop_at``, or to a stop) of
+    ``step(state, i) -> (state, metrics)`` (``i`` from 0; device metrics with "loss" and "finite");
+    returns the last state.
 
     Every process of a job runs it; only the main one writes rows and shows the bar. After step n: the
     pending metrics are fetched every ``log_every`` steps and before a checkpoint (no host round trip a
