@@ -333,7 +333,7 @@ def main(argv: list[str]) -> None:
     except TrainingStopped as e:
         from vmc_jax.jobs import preemption
 
-        preemption.exit_stopped(e, "vmc-jax", ["vmc-jax"])
+        preemption.exit_stopped(e, "vmc-jax", ["vmc-jax"], at_once=_joined_job)
     except (app.UsageError, JobError, OSError, ValueError, TrainingDiverged) as e:
         if _VERBOSE.value:
             traceback.print_exc()

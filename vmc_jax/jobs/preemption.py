@@ -104,8 +104,15 @@ class StopOnSignal:
                                f"its checkpoint written in {where}")
 
 
-def exit_stopped(error: TrainingStopped, program: str, command: Sequence[str]) -> NoReturn:
+def exit_stopped(error: TrainingStopped, program: str, command: Sequence[str], at_once: bool = False) -> NoReturn:
     """Prints one line, where the run stopped and the command that resumes it (``command`` and this
-    process's arguments), and exits with :data:`EXIT_CODE`."""
+    process's arguments), and exits with :data:`EXIT_CODE`.
+
+    ``at_once``: for a process of a multi-process job, whose checkpoint is complete: it leaves without
+    JAX's shutdown, which aborts a process whose coordinator has left first (exit -6, not 3).
+    """
     print(f"{program}: {error}; resume with: {shlex.join([*command, *sys.argv[1:]])}", file=sys.stderr)
+    if at_once:
+        sys.stderr.flush()
+        os._exit(EXIT_CODE)
     sys.exit(EXIT_CODE)
