@@ -139,17 +139,18 @@ class UNetDenoiser:
 
 def sample_keyframes(model: nn.Module, params: Any, scheduler: Scheduler, x_T: jax.Array, text: jax.Array,
                      negative_text: jax.Array, steps: int, guidance: float, rng: jax.Array | None = None,
-                     noise: jax.Array | None = None) -> jax.Array:
+                     noise: jax.Array | None = None, guidance_rescale: float = 0.0) -> jax.Array:
     """Denoises ``x_T`` ``(b, f, h, w, c)`` with classifier-free guidance; returns frames in [-1, 1].
 
     ``text`` and ``negative_text`` are ``(1 or b, L, d)`` encoder states (Show-1 guides against
     the empty or a negative prompt). ``rng`` or ``noise`` feed the per-step noise (`sample_loop`).
+    ``guidance_rescale``: see `sampling.classifier_free_guidance` (0: Show-1's plain guidance).
     """
     batch = x_T.shape[0]
     both = jnp.concatenate([jnp.broadcast_to(negative_text, (batch, *negative_text.shape[1:])),
                             jnp.broadcast_to(text, (batch, *text.shape[1:]))])
     denoiser = UNetDenoiser(model, scheduler.variance_type == "learned_range")
-    guided = sampling.classifier_free_guidance(denoiser, guidance)
+    guided = sampling.classifier_free_guidance(denoiser, guidance, guidance_rescale)
     frames = sampling.sample_loop(scheduler, guided, x_T, steps, rng=rng, noise=noise,
                                   denoise_args=(params, both))
     return jnp.clip(frames, -1.0, 1.0)

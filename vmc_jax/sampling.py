@@ -82,6 +82,7 @@ class _Guided:
 
     model_fn: DenoiseFn
     guidance_scale: float
+    guidance_rescale: float = 0.0
 
     def __call__(self, x_t: jax.Array, t: jax.Array, *args: Any) -> jax.Array:
         out = self.model_fn(jnp.concatenate([x_t, x_t]), t, *args)
@@ -89,10 +90,17 @@ class _Guided:
         channels = x_t.shape[-1]
         eps_uncond, eps_cond = uncond[..., :channels], cond[..., :channels]
         eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        if self.guidance_rescale:
+            eps = self.guidance_rescale * eps * (_item_std(eps_cond) / _item_std(eps)) + (1 - self.guidance_rescale) * eps
         return jnp.concatenate([eps, cond[..., channels:]], axis=-1)
 
 
-def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale: float) -> DenoiseFn:
+def _item_std(x: jax.Array) -> jax.Array:
+    """The standard deviation (n - 1 in the denominator, as torch's) of each batch item, shaped to broadcast."""
+    return jnp.std(x, axis=tuple(range(1, x.ndim)), ddof=1, keepdims=True)
+
+
+def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale: float, guidance_rescale: float = 0.0) -> DenoiseFn:
     """Wrap `model_fn` into a guided denoiser that runs the unconditional and conditional passes
     as one batch, as DeepFloyd IF / Show-1 do.
 
@@ -100,7 +108,12 @@ def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale: float) -> Deno
     must condition the first half unconditionally (negative prompt) and the second half on the
     prompt (e.g. text states concat([negative, positive])). The guided output is
     eps_u + guidance_scale * (eps_c - eps_u) on the first `x_t.shape[-1]` channels; any further
-    (learned variance) channels are the conditional half's. The returned denoiser has the
-    `denoise_fn(x_t, t, *args)` signature of `sample_loop`.
+    (learned variance) channels are the conditional half's. ``guidance_rescale`` (Lin et al. 2024,
+    section 3.4; diffusers' ``guidance_rescale``) mixes in that much of the guided output rescaled to
+    the conditional one's standard deviation per item: with a zero terminal SNR schedule, plain
+    guidance overshoots near pure noise. The returned denoiser has the `denoise_fn(x_t, t, *args)`
+    signature of `sample_loop`.
     """
-    return _Guided(model_fn, float(guidance_scale))
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale {guidance_rescale}: expected a value in [0, 1]")
+    return _Guided(model_fn, float(guidance_scale), float(guidance_rescale))

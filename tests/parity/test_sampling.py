@@ -268,3 +268,27 @@ def test_classifier_free_guidance_matches_deepfloyd_if():
     reference = torch.cat([uncond + 7.0 * (text - uncond), variance], dim=1)
     np.testing.assert_allclose(ours, np.moveaxis(reference.numpy(), 1, -1), rtol=0, atol=1e-6)
     assert classifier_free_guidance(model_fn, 7) == guided
+
+
+def test_guidance_rescale_matches_diffusers():
+    """guidance_rescale 0.7 on a guided output: equal (1e-5) to diffusers' `rescale_noise_cfg` (torch's
+    unbiased std per item); 0 leaves plain guidance; a value outside [0, 1] is refused."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(SHAPE, dtype=np.float32)
+    halves = rng.standard_normal((2 * SHAPE[0],) + SHAPE[1:], dtype=np.float32) * np.float32(3.0)
+
+    def model_fn(x_in, t, out):
+        return out
+
+    ours = classifier_free_guidance(model_fn, 5.0, guidance_rescale=0.7)(jnp.asarray(x), jnp.int32(3), halves)
+    uncond, text = torch.from_numpy(halves).chunk(2)
+    guided = uncond + 5.0 * (text - uncond)
+    reference = rescale_noise_cfg(guided, text, guidance_rescale=0.7)
+    np.testing.assert_allclose(ours, reference.numpy(), rtol=0, atol=1e-5)
+    plain = classifier_free_guidance(model_fn, 5.0)(jnp.asarray(x), jnp.int32(3), halves)
+    np.testing.assert_allclose(plain, guided.numpy(), rtol=0, atol=1e-5)
+    assert not np.allclose(ours, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="guidance_rescale 1.5: expected a value in"):
+        classifier_free_guidance(model_fn, 5.0, guidance_rescale=1.5)

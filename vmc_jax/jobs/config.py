@@ -166,6 +166,9 @@ class Sampling:
     init: str = _field("inverted", _one_of(SAMPLING_INITS))
     steps: int = _field(75, _at_least(1))
     guidance: float = _field(9.0, _of_type(int, float))
+    # 0 for Show-1; the share of the guided output rescaled to the conditional one's spread (models of
+    # a zero terminal SNR schedule, as the world model's, whose plain guidance overshoots)
+    guidance_rescale: float = _field(0.0, _within(0.0, 1.0))
     negative_prompt: str = _field("", _of_type(str))
     fps: float = _field(4.0, _above(0))
 

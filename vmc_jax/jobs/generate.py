@@ -75,7 +75,7 @@ def keyframe_videos(model: nn.Module, params: Any, scheduler: Scheduler, clip: n
         x_T = jnp.broadcast_to(x_T, (len(prompt_list), *clip.shape))
     return [np.asarray(sample_keyframes(model, params, scheduler, x_T[i:i + 1], texts[p][None],
                                         texts[s.negative_prompt][None], s.steps, s.guidance,
-                                        jax.random.PRNGKey(seed))[0], np.float32)
+                                        jax.random.PRNGKey(seed), guidance_rescale=s.guidance_rescale)[0], np.float32)
             for i, p in enumerate(prompt_list)]
 
 
