@@ -35,6 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="share of the guided output rescaled to the conditional one's spread (0: plain guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write every sample's reading to this JSON file")
     parser.add_argument("--pipeline", help="a hub-layout world pipeline (default: the shipped one, written to WORKDIR)")
@@ -49,9 +51,11 @@ def main(argv=None) -> None:
     prompts = [world.prompt_for(str(rng.choice(list(world.COLOURS))), str(rng.choice(world.SHAPES)),
                                 str(rng.choice(list(world.BACKGROUNDS)))) for _ in range(args.prompts)]
     videos = world_pretraining.sample_world(pipeline, args.workdir, prompts, 8, 16, 24, seed=args.seed,
-                                            steps=args.steps, guidance=args.guidance, x0_clipping=args.x0_clipping)
+                                            steps=args.steps, guidance=args.guidance, x0_clipping=args.x0_clipping,
+                                            guidance_rescale=args.guidance_rescale)
     result = world_evaluation.evaluate_samples(list(videos), prompts)
-    print(f"{args.prompts} prompts, {args.steps} DDIM steps, guidance {args.guidance}, "
+    print(f"{args.prompts} prompts, {args.steps} DDIM steps, guidance {args.guidance} "
+          f"(rescale {args.guidance_rescale}), "
           f"x0 clipping {'on' if args.x0_clipping else 'off'}:")
     for name, value in result["summary"].items():
         print(f"  {name:16} {'-' if value is None else round(value, 3)}")

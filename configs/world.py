@@ -29,6 +29,11 @@ def get_config(arg: str = "16x24") -> ml_collections.ConfigDict:
     # Groups of 8 channels at width 32: with 32 groups (one channel each) the last norm removes every
     # frame's mean colour (issue 24); world_pretraining refuses fewer than 4 channels a group.
     config.model.norm_num_groups = 8
+    # At t = T the noise of Show-1's linear betas still carries each frame's mean colour, so an epsilon
+    # model reads the colour off x_t instead of the prompt and samples random backgrounds from noise
+    # (issue 24): zero terminal SNR, sampled from t = T, with v prediction (which it needs).
+    config.model.prediction_type = "v_prediction"
+    config.model.zero_terminal_snr = True
 
     config.train = ml_collections.ConfigDict()
     # The shipped model's run (one H200, 0.10 s a step): the cosine schedule of 8000 steps, stopped at

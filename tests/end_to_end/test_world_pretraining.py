@@ -47,6 +47,21 @@ def test_group_norms_of_fewer_than_four_channels_a_group_are_refused(tmp_path, g
     assert not os.listdir(tmp_path)  # refused before anything is written
 
 
+def test_world_schedule_ends_without_signal_and_needs_v_prediction(tmp_path):
+    """configs/world.py's pipeline samples from a last timestep with no signal left (zero terminal SNR,
+    trailing timesteps, v prediction); zero terminal SNR with epsilon prediction is refused before
+    anything is written."""
+    config = world_config.get_config("test")
+    world_pretraining.make_pipeline(config, str(tmp_path / "pipeline"))
+    scheduler = schedulers.from_config(str(tmp_path / "pipeline" / "scheduler"))
+    assert scheduler.prediction_type == "v_prediction" and scheduler.alphas_cumprod[-1] == 0
+    assert schedulers.timesteps(scheduler, 25)[0] == 999
+    config.model.prediction_type = "epsilon"
+    with pytest.raises(ValueError, match="model.zero_terminal_snr with model.prediction_type='epsilon'"):
+        world_pretraining.pretrain(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 @pytest.mark.parametrize("groups", [32, 8])
 def test_only_groups_of_several_channels_pass_a_frame_mean_to_the_output(groups):
     """The diagnosis of issue 24 as a property of the architecture: with one channel a group the last

@@ -39,13 +39,17 @@ UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # so that sampling from inverted noise is deterministic (per-frame ancestral noise at 25 steps makes
 # this small model's backgrounds flicker). The prediction type is the model's (config.model).
 SCHEDULER_CONFIG = {**tiny_pipeline.SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "variance_type": "fixed_small"}
+# ``model.zero_terminal_snr``: the betas rescaled so that the last timestep keeps no signal, sampled from
+# it ("trailing" timesteps), as Lin et al. 2024 prescribe: at t = T only the prompt can tell a frame's
+# colour, where with Show-1's linear betas the noise still carries it (issue 24). Needs v prediction.
+ZERO_TERMINAL_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 # The model trained by `vmc-jax world-pretrain` (configs/world.py:16x24 and the
 # overrides in README's "The moving-shapes world"), shipped as fp16, with its seed, widths and
 # prediction type.
 PRETRAINED_UNET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "world_unet.fp16.safetensors")
 PRETRAINED_SEED = 0
 PRETRAINED_MODEL = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 16,
-                    "norm_num_groups": 32, "prediction_type": "epsilon"}
+                    "norm_num_groups": 32, "prediction_type": "epsilon", "zero_terminal_snr": False}
 # Fewest channels a GroupNorm group may have in a model pretrained here: with one channel a group,
 # ``conv_norm_out`` (no residual around it) is a per-frame instance norm, and the UNet cannot output a
 # frame's mean colour, which is what the prompt says at high noise (issue 24).
@@ -91,10 +95,11 @@ def batch_for_step(config: ml_collections.ConfigDict, step: int,
 
 def make_pipeline(config: ml_collections.ConfigDict, folder: str) -> None:
     """Writes the untrained hub-layout pipeline (random UNet and T5, world tokenizer, DDIM scheduler of
-    ``config.model.prediction_type``)."""
+    ``config.model.prediction_type`` and ``zero_terminal_snr``)."""
     tiny_pipeline.make_tiny_pipeline(folder, config.seed, unet_config=world_unet_config(config.model),
                                      prompts=world.all_prompts())
-    scheduler = {**SCHEDULER_CONFIG, "prediction_type": config.model.prediction_type}
+    scheduler = {**SCHEDULER_CONFIG, "prediction_type": config.model.prediction_type,
+                 **(ZERO_TERMINAL_SNR if config.model.zero_terminal_snr else {})}
     files.write_text_atomic(os.path.join(folder, "scheduler", "scheduler_config.json"),
                             json.dumps(scheduler, indent=2, sort_keys=True))
 
@@ -155,6 +160,9 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, signals: preempti
     if config.model.prediction_type not in schedulers.PREDICTION_TYPES:
         raise ValueError(f"model.prediction_type {config.model.prediction_type!r}: "
                          f"expected one of {schedulers.PREDICTION_TYPES}")
+    if config.model.zero_terminal_snr and config.model.prediction_type != "v_prediction":
+        raise ValueError(f"model.zero_terminal_snr with model.prediction_type={config.model.prediction_type!r}: "
+                         "at the last timestep x_t holds no signal to read an epsilon off; use v_prediction")
     pipeline = os.path.join(workdir, PIPELINE)
     if not os.path.isfile(os.path.join(pipeline, "model_index.json")):
         partial = pipeline + ".partial"  # complete or absent: a killed start is made again
@@ -200,17 +208,20 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, signals: preempti
 
 
 def sample_world(pipeline: str, workdir: str, prompt_list: Sequence[str], num_frames: int, height: int, width: int,
-                 seed: int = 0, steps: int = 25, guidance: float = 4.0, x0_clipping: bool = True) -> np.ndarray:
+                 seed: int = 0, steps: int = 25, guidance: float = 4.0, x0_clipping: bool = True,
+                 guidance_rescale: float = 0.0) -> np.ndarray:
     """Clips ``(n, f, h, w, 3)`` in [0, 1] sampled from noise for each prompt by DDIM (the pipeline's
     scheduler settings; ``x0_clipping=False`` turns its x0 clipping and thresholding off) and
-    classifier-free guidance; prompt states are cached in ``workdir``."""
+    classifier-free guidance (``guidance_rescale`` as in `sampling.classifier_free_guidance`); prompt
+    states are cached in ``workdir``."""
     model, params = load_unet(os.path.join(pipeline, "unet"), dtype=np.float32)
     no_clipping = {} if x0_clipping else {"thresholding": False, "clip_sample": False}
     scheduler = schedulers.from_config(pipeline, _class_name="DDIMScheduler", **no_clipping)
     texts = prompts.embed_prompts(pipeline, [*prompt_list, ""], workdir)
     x_T = jax.random.normal(jax.random.PRNGKey(seed), (len(prompt_list), num_frames, height, width, 3))
     frames = keyframe_sampling.sample_keyframes(model, params, scheduler, x_T, jnp.stack([texts[p] for p in prompt_list]),
-                                       jnp.asarray(texts[""])[None], steps, guidance, jax.random.PRNGKey(seed + 1))
+                                       jnp.asarray(texts[""])[None], steps, guidance, jax.random.PRNGKey(seed + 1),
+                                       guidance_rescale=guidance_rescale)
     return (np.asarray(frames, np.float32) + 1) / 2
 
 
