@@ -172,11 +172,9 @@ def _config_file_error(spec: str) -> str | None:
     """Why the config ``FILE[:arg]`` cannot be loaded (its message, and line), or None if it can.
 
     ml_collections reports a config file's failure as a traceback or as "an earlier failure to
-    load" without the reason; the file is run here first (as ml_collections then runs it) to say why.
+    load" without the reason; after such a failure the file is run again here to say why.
     """
     path, has_arg, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        return "no such file"
     try:
         module_spec = importlib.util.spec_from_file_location("vmc_jax_cli_config_check", path)
         module = importlib.util.module_from_spec(module_spec)
@@ -198,12 +196,16 @@ def _config_file_error(spec: str) -> str | None:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with a flag or config file error reported in one line (exit 2)."""
     spec = _config_argument(argv)
-    problem = _config_file_error(spec) if spec is not None else None
-    if problem is not None:
-        _fail(f"--config {spec}: {problem}")
+    if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+        _fail(f"--config {spec}: no such file")  # ml_collections would only fail when the config is read
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 -- ml_collections lets a config file's own exception through
+        problem = _config_file_error(spec) if spec is not None else None
+        if problem is not None:
+            _fail(f"--config {spec}: {problem}")
+        if not isinstance(e, (flags.Error, AttributeError, KeyError, ValueError)):
+            raise
         job_command = len(argv) > 1 and argv[1] in COMMANDS and COMMANDS[argv[1]][3]
         _fail((_unknown_config_override(argv) if job_command else None) or str(e).strip().splitlines()[0])
 

@@ -450,6 +450,18 @@ def test_cli_config_file_errors_give_their_reason_in_one_line(tmp_path, config, 
     assert not os.path.exists(tmp_path / "job")
 
 
+def test_a_config_file_that_loads_is_run_once(tmp_path):
+    """The CLI runs a config file again only to explain a failure: a file with side effects runs once."""
+    counter = tmp_path / "calls"
+    config = tmp_path / "counting.py"
+    config.write_text(f"from configs import vmc\n\ndef get_config():\n"
+                      f"    open({str(counter)!r}, 'a').write('called\\n')\n"
+                      f"    config = vmc.get_config('tiny')\n    config.data.num_frames = 1\n    return config\n")
+    result = vmc_jax_cli("train", "--config", str(config), "--workdir", str(tmp_path / "job"))
+    assert result.returncode == 2 and "num_frames=1" in result.stderr, result.stderr[-3000:]
+    assert counter.read_text().splitlines() == ["called"]
+
+
 @pytest.fixture()
 def unet_copy(tmp_path):
     """A writable copy of the keyframe UNet folder, and its weights file."""
