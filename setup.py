@@ -29,6 +29,9 @@ setup(
         "ml_dtypes>=0.4",
         "absl-py>=2.0",
         "tqdm>=4.66",
+        # A run's metrics as TensorBoard events: tensorboardX writes them with protobuf alone (no TensorFlow).
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",  # the curves' PNG at the end of a run (Agg, no display)
     ],
     extras_require={
         # torch and diffusers are only the references the parity tests compare against.

@@ -124,6 +124,12 @@ def append_json_lines(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+def read_json_lines(path: str) -> list[dict[str, Any]]:
+    """The rows of the JSON-lines log ``path`` (a last line that a killed writer left unfinished skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+
+
 def drop_log_rows_after(path: str, step: int) -> None:
     """Keeps the rows of the JSON-lines log ``path`` up to ``step``, the checkpoint a run resumes from (it
     logs the later steps again), and drops a last line that a process killed while writing it left unfinished."""

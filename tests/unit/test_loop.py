@@ -1,8 +1,11 @@
 """The training loop of every job (`vmc_jax.jobs.loop`) on a toy step over a tiny pytree: resuming,
-stops, metrics fetched only when logged, the non-finite policy, one metrics file per stacked clip."""
+stops, metrics fetched only when logged, the non-finite policy, one metrics file per stacked clip,
+the TensorBoard events and the curves' PNG."""
 
+import glob
 import json
 import logging
+import struct
 import time
 
 import jax
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 
 from vmc_jax.errors import TrainingDiverged, TrainingStopped
-from vmc_jax.jobs import loop, preemption
+from vmc_jax.jobs import curves, loop, preemption
 
 SETTINGS = loop.Settings(steps=7, log_every=2, checkpoint_every=3, lr=0.1)
 
@@ -174,3 +177,47 @@ def test_stacked_clips_get_a_metrics_file_each_and_the_log_line_their_losses(tmp
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert lines[-1].startswith("step 4/4: loss 4 8 (mean 3.5 7 over 2 steps), ")
     assert lines[-1].endswith(" steps/s, ETA 0 s")
+
+
+def scalars(metrics_path):
+    """{(tag, step): [values]} as TensorBoard keeps the log's events: the files in the order of their
+    names, a run's start (SessionLog.START at step s) dropping the earlier files' points from step s on."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    shown = {}
+    for name in sorted(glob.glob(f"{curves.events_dir(metrics_path)}/events.out.tfevents.*")):
+        data = open(name, "rb").read()
+        at = 0
+        while at < len(data):  # TFRecord: length (u64), its crc (u32), the record, its crc (u32)
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            if event.session_log.status == SessionLog.START:
+                shown = {key: values for key, values in shown.items() if key[1] < event.step}
+            for value in event.summary.value:
+                shown.setdefault((value.tag, event.step), []).append(value.simple_value)
+    return shown
+
+
+def test_tensorboard_keeps_one_point_a_step_across_resumes_and_the_end_draws_a_png(tmp_path):
+    (tmp_path / "whole").mkdir(), (tmp_path / "resumed").mkdir()
+    _, _, whole = run(tmp_path / "whole", "metrics")
+    assert scalars(str(whole)) == {("loss", row["step"]): [pytest.approx(row["loss"])] for row in rows(whole)}
+    assert open(curves.png_path(str(whole)), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    signals, store = preemption.StopOnSignal(), MemoryCheckpoints()
+
+    def signalled_after_5(state, i):
+        if i == 4:
+            signals.reason = "SIGTERM"
+        state, metrics = toy_step(state, i)
+        return state, {**metrics, "loss": metrics["loss"] + 100.0}  # points the resume must replace
+
+    with pytest.raises(TrainingStopped):  # steps 1-5 logged, checkpoints at 3 and 5
+        run(tmp_path / "resumed", "metrics", step=signalled_after_5, store=store, signals=signals)
+    assert not glob.glob(str(tmp_path / "resumed" / "*.png"))  # a signalled run leaves at once
+    _, _, resumed = run(tmp_path / "resumed", "metrics", state=store.saved[3], start=3)  # steps 4 and 5 again
+    shown = scalars(str(resumed))
+    assert sorted(step for _, step in shown) == list(range(1, 8))
+    assert all(len(values) == 1 for values in shown.values())  # no stale point left beside a new one
+    assert [shown["loss", step][0] > 100 for step in range(1, 8)] == [True] * 3 + [False] * 4

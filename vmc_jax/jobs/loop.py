@@ -3,7 +3,8 @@ few steps, checkpoints, stops on a signal, a time budget or a step, and a hook a
 
 A job gives it a step function and where things go; the loop owns the schedule. A run resumed from
 the checkpoint of a stopped one ends as an uninterrupted run ends, bit for bit and with the same
-metric rows (the rows after the restored step are dropped, and written again).
+metric rows (the rows after the restored step are dropped, and written again); the rows also go to
+TensorBoard, and a run that ends draws their curves (`vmc_jax.jobs.curves`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from vmc_jax import files, parallel
 from vmc_jax.errors import TrainingDiverged
-from vmc_jax.jobs import preemption
+from vmc_jax.jobs import curves, preemption
 
 State = TypeVar("State")
 # Steps fetched together: (step, its metrics on the host, one dict per clip).
@@ -91,6 +92,7 @@ def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[st
                         settings.steps, settings.stop_at)
     for path in metrics.paths if main else ():
         files.drop_log_rows_after(path, start)  # a killed run's later rows
+    events = curves.EventWriters(metrics.paths, start) if main else None
     pending, skipped, last_checkpoint = [], [], start or None
     began, window = time.perf_counter(), _Window()
     try:
@@ -108,8 +110,11 @@ def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[st
                     fetched = [(n, metrics.per_clip(m)) for n, m in jax.device_get(pending)]  # waits for the steps
                     seconds = window.seconds_per_step(len(fetched))
                     skipped += _non_finite(fetched)
-                    for path, rows in zip(metrics.paths, metrics.rows(fetched, seconds)) if main else ():
-                        files.append_json_lines(path, rows)
+                    if main:
+                        rows_per_log = metrics.rows(fetched, seconds)
+                        for path, rows in zip(metrics.paths, rows_per_log):
+                            files.append_json_lines(path, rows)
+                        events.write(rows_per_log)
                     logging.info("%s", log_line(settings, fetched, seconds))
                     pending = []
                     window.restart()
@@ -129,8 +134,12 @@ def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[st
                         after_step(state, done)
     finally:  # a stopped run still finishes writing its last checkpoint
         checkpoints.wait()
+        if events:
+            events.close()
     if skipped:
         logging.warning("skipped %d non-finite steps (first: step %d)", len(skipped), skipped[0])
+    for path in metrics.paths if main else ():
+        curves.plot_curves(path, settings.log_every)
     return state
 
 
