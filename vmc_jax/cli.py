@@ -276,8 +276,9 @@ def _dispatch(command: str, args: list[str]) -> None:
         from vmc_jax.jobs.evaluate import evaluate_workdir
 
         result, folder = evaluate_workdir(_job_config(), _require(_WORKDIR, "workdir"), overwrite=_OVERWRITE.value)
-        for name, value in result["summary"].items():
-            print(f"{name:16} {'-' if value is None else round(value, 3)}")
+        from vmc_jax.world_evaluation import summary_lines
+
+        print("\n".join(summary_lines(result["summary"])))
         print(f"per clip, with side-by-side gifs: {folder}")
     elif command == "world-pretrain":
         from vmc_jax.jobs.world_pretraining import pretrain

@@ -242,6 +242,12 @@ def summarise(per_clip: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     return {"clips": len(per_clip), **{key: mean(key) for key in keys}}
 
 
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The summary as printed: a figure a line, rounded to 3 places ("-" where no clip defines it), in a column."""
+    width = max(map(len, summary)) + 2
+    return [f"{name:{width}}{'-' if value is None else round(value, 3)}" for name, value in summary.items()]
+
+
 def evaluate_world_clips(inputs: Sequence[np.ndarray], input_prompts: Sequence[str],
                          generated: Sequence[np.ndarray], target_prompts: Sequence[str],
                          out_dir: str | None = None) -> dict[str, Any]:
