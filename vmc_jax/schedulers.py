@@ -346,6 +346,12 @@ def predicted_noise(scheduler: Scheduler, prediction: jax.Array, x: jax.Array, t
     return _x0_and_eps(scheduler, prediction, x, _alpha_cumprod_like(scheduler, t, x))[1]
 
 
+def predicted_sample(scheduler: Scheduler, prediction: jax.Array, x: jax.Array, t: jax.Array | int) -> jax.Array:
+    """The clean sample x0 that the model's ``prediction`` at ``x`` (timestep ``t``, scalar or per batch
+    item) implies, unclipped."""
+    return _x0_and_eps(scheduler, prediction, x, _alpha_cumprod_like(scheduler, t, x))[0]
+
+
 def step(
     scheduler: Scheduler,
     model_output: jax.Array,

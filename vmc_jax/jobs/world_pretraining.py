@@ -227,18 +227,22 @@ def sample_world(pipeline: str, workdir: str, prompt_list: Sequence[str], num_fr
 
 def frame_mean_error(model: Any, params: Any, scheduler: schedulers.Scheduler, clips: jax.Array, texts: jax.Array,
                      timestep: int, key: jax.Array) -> tuple[float, float]:
-    """(mean square of the per-frame, per-channel mean of the model's noise error, the same of the true
-    noise) at ``timestep`` on ``clips`` (b, f, h, w, 3) in [-1, 1] with their prompt states ``texts``.
+    """(mean square of the per-frame, per-channel mean of the model's x0 error, the same of a prompt-blind
+    guess: the clips' frame means around their average) at ``timestep`` on ``clips`` (b, f, h, w, 3) in
+    [-1, 1] with their prompt states ``texts``.
 
-    The second is what a model that cannot output a frame's mean colour keeps as the first (the noise's
-    own frame-mean variance, 1 / (h w)); a model that reads the colour from the prompt gets well below it.
+    At high noise x_t hardly tells a frame's mean colour (at a zero-SNR t = T not at all), so a model
+    that does not read it from the prompt keeps about the second; one that does gets well below it.
+    Measured on x0 rather than the noise: for a v-prediction model near t = T the noise is x_t, and its
+    error says nothing.
     """
     noise = jax.random.normal(key, clips.shape, clips.dtype)
     t = jnp.full((clips.shape[0],), timestep)
     x_t = schedulers.add_noise(scheduler, clips, noise, t)
     out = model.apply({"params": params}, x_t, t, texts)[..., :clips.shape[-1]]
-    error = schedulers.predicted_noise(scheduler, out, x_t, t) - noise
-    return float(jnp.mean(error.mean(axis=(2, 3)) ** 2)), float(jnp.mean(noise.mean(axis=(2, 3)) ** 2))
+    means = clips.mean(axis=(2, 3))
+    error = schedulers.predicted_sample(scheduler, out, x_t, t).mean(axis=(2, 3)) - means
+    return float(jnp.mean(error ** 2)), float(jnp.mean((means - means.mean(axis=(0, 1))) ** 2))
 
 
 def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
