@@ -5,14 +5,17 @@
 #
 #   scripts/tpu/vmc_tpu.sh [--dry-run] COMMAND [extra vmc-jax arguments for `train`]
 #
-# COMMAND: create | install | mount | train | logs | fetch | delete | up (create, install, mount, train)
-# --dry-run prints the gcloud command lines instead of running them.
+# COMMAND: plan | create | install | mount | train | logs | fetch | delete | up (create, install, mount, train)
+# plan runs here, before any VM exists: `vmc-jax plan` compiles the job's programs for the slice's
+# topology (needs `pip install -e ".[tpu]"`) and says whether they fit its chips; extra arguments go to it.
+# --dry-run prints the command lines instead of running them.
 #
 # Settings (environment variables):
 #   TPU_NAME (vmc-tpu)  ZONE (us-central2-b)  ACCELERATOR_TYPE (v4-16)  RUNTIME_VERSION (tpu-ubuntu2204-base)
 #   PROJECT (gcloud's default)  QUEUED=1: ask through a queued resource  SPOT=1: spot capacity
 #   BUCKET (gs://...): mounted with gcsfuse at MOUNT (/mnt/vmc) on every worker; checkpoints and the
 #     workdir must live there, since every host writes its part of each checkpoint
+#   TOPOLOGY (from ACCELERATOR_TYPE: v5litepod-4 -> v5e:2x2, v4-16 -> v4:2x2x2, v5p-8 -> v5p:2x2x1; for plan)
 #   CONFIG (configs/vmc.py:car_forest)  WORKDIR ($MOUNT/workdirs/<config arg>)
 #   PRETRAINED ($MOUNT/checkpoints/show-1-base)  VIDEO ($MOUNT/videos/<config arg>)  RESULTS (./results)
 set -euo pipefail
@@ -42,6 +45,22 @@ run() {  # prints the command in --dry-run mode, runs it otherwise
 
 on_workers() {  # the command line $2 on worker(s) $1 ("all" or an index)
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${project[@]}" --worker="$1" --command="$2"
+}
+
+topology() {  # the `vmc-jax plan --target` of ACCELERATOR_TYPE (TOPOLOGY if set): v5e by chips, v4 / v5p by cores
+  if [[ -n ${TOPOLOGY:-} ]]; then echo "$TOPOLOGY"; return; fi
+  local kind=${ACCELERATOR_TYPE%-*} count=${ACCELERATOR_TYPE##*-} shape=""
+  case $kind in
+    v5litepod) case $count in 1) shape=1x1 ;; 4) shape=2x2 ;; 8) shape=2x4 ;; 16) shape=4x4 ;; 32) shape=4x8 ;;
+                 64) shape=8x8 ;; 128) shape=8x16 ;; 256) shape=16x16 ;; esac; kind=v5e ;;
+    v4|v5p) case $count in 8) shape=2x2x1 ;; 16) shape=2x2x2 ;; 32) shape=2x2x4 ;; 64) shape=2x4x4 ;;
+              128) shape=4x4x4 ;; esac ;;
+  esac
+  if [[ -z $shape ]]; then
+    echo "$0: no topology known for ACCELERATOR_TYPE=$ACCELERATOR_TYPE; set TOPOLOGY (e.g. v5e:2x2, v4:2x2x1)" >&2
+    return 2
+  fi
+  echo "$kind:$shape"
 }
 
 create() {
@@ -75,6 +94,7 @@ train() {
 }
 
 case $command in
+  plan) target=$(topology); run vmc-jax plan --config "$CONFIG" --target="$target" "$@" ;;
   create) create ;;
   install) install ;;
   mount) mount ;;
@@ -88,6 +108,6 @@ case $command in
       run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" "${project[@]}" --quiet
     fi ;;
   up) create; install; mount; train "$@" ;;
-  *) echo "usage: $0 [--dry-run] {create|install|mount|train|logs|fetch|delete|up} [vmc-jax train arguments]" >&2
+  *) echo "usage: $0 [--dry-run] {plan|create|install|mount|train|logs|fetch|delete|up} [vmc-jax plan / train arguments]" >&2
      exit 2 ;;
 esac

@@ -48,6 +48,22 @@ def test_tpu_follow_fetch_delete(command, expected):
     assert "--zone=us-central2-b" in line
 
 
+@pytest.mark.parametrize("accelerator, target", [("v5litepod-4", "v5e:2x2"), ("v4-16", "v4:2x2x2"),
+                                                 ("v5p-8", "v5p:2x2x1")])
+def test_tpu_plan_compiles_for_the_slices_topology_here_before_any_vm(accelerator, target):
+    (plan,) = dry_run("tpu/vmc_tpu.sh", "plan", "--json=plan.json", ACCELERATOR_TYPE=accelerator, CONFIG="configs/vmc.py:bear")
+    assert plan == ["vmc-jax", "plan", "--config", "configs/vmc.py:bear", f"--target={target}", "--json=plan.json"]
+
+
+def test_tpu_plan_of_an_unknown_slice_asks_for_its_topology():
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "tpu", "vmc_tpu.sh"), "--dry-run", "plan"],
+                            env={**os.environ, "ACCELERATOR_TYPE": "v6e-8"}, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "no topology known for ACCELERATOR_TYPE=v6e-8; set TOPOLOGY" in result.stderr
+    (plan,) = dry_run("tpu/vmc_tpu.sh", "plan", ACCELERATOR_TYPE="v6e-8", TOPOLOGY="v5e:2x4")
+    assert plan[-1] == "--target=v5e:2x4"
+
+
 def test_tpu_queued_spot_capacity():
     (create,) = dry_run("tpu/vmc_tpu.sh", "create", QUEUED="1", SPOT="1", PROJECT="p1")
     assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "vmc-tpu-request"]
