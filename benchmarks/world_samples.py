@@ -5,7 +5,8 @@ steadiness). This is the issue's bar for the pretrained model (>= 90% colour and
     python benchmarks/world_samples.py --workdir workdirs/world_samples [--prompts 24] [--guidance 4]
 
 ``--pipeline DIR`` samples another hub-layout world pipeline (e.g. a pretraining run's ``W/pipeline``)
-instead of the shipped one; ``--no-x0-clipping`` turns the scheduler's x0 clipping off. Also printed:
+instead of the shipped one; ``--no-x0-clipping`` turns the scheduler's x0 clipping off; ``--gifs DIR``
+also writes each sample as a gif (``scripts/frame_strip.py`` puts them in one PNG). Also printed:
 the mean-colour part of the model's x0 error by timestep against that of a prompt-blind guess
 (``world_pretraining.frame_mean_error`` on 32 seeded world clips): at high noise a model that does
 not read a frame's colours from its prompt keeps a ratio near 1 or above. The ratio is printed with
@@ -27,7 +28,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vmc_jax import world, world_evaluation  # noqa: E402
+from vmc_jax import video_io, world, world_evaluation  # noqa: E402
 from vmc_jax.jobs import world_pretraining
 
 
@@ -41,6 +42,7 @@ def main(argv=None) -> None:
                         help="share of the guided output rescaled to the conditional one's spread (0: plain guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write every sample's reading to this JSON file")
+    parser.add_argument("--gifs", help="also write every sample to this folder as <i>_<prompt>.gif")
     parser.add_argument("--pipeline", help="a hub-layout world pipeline (default: the shipped one, written to WORKDIR)")
     parser.add_argument("--no-x0-clipping", dest="x0_clipping", action="store_false")
     args = parser.parse_args(argv)
@@ -56,6 +58,10 @@ def main(argv=None) -> None:
                                             steps=args.steps, guidance=args.guidance, x0_clipping=args.x0_clipping,
                                             guidance_rescale=args.guidance_rescale)
     result = world_evaluation.evaluate_samples(list(videos), prompts)
+    if args.gifs:
+        os.makedirs(args.gifs, exist_ok=True)
+        for i, (video, prompt) in enumerate(zip(videos, prompts)):
+            video_io.save_video(video * 2 - 1, os.path.join(args.gifs, f"{i}_{prompt.replace(' ', '_')}.gif"))
     print(f"{args.prompts} prompts, {args.steps} DDIM steps, guidance {args.guidance} "
           f"(rescale {args.guidance_rescale}), "
           f"x0 clipping {'on' if args.x0_clipping else 'off'}:")

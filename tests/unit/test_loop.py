@@ -221,3 +221,28 @@ def test_tensorboard_keeps_one_point_a_step_across_resumes_and_the_end_draws_a_p
     assert sorted(step for _, step in shown) == list(range(1, 8))
     assert all(len(values) == 1 for values in shown.values())  # no stale point left beside a new one
     assert [shown["loss", step][0] > 100 for step in range(1, 8)] == [True] * 3 + [False] * 4
+
+
+def test_the_rate_leaves_out_the_first_step_where_it_compiles(tmp_path):
+    """Each run's first step takes 0.5 s (a compile), the others none: the rates are the fast steps'."""
+    def slow_first_call():
+        calls = []
+
+        def step(state, i):
+            time.sleep(0.0 if calls else 0.5)
+            calls.append(i)
+            return toy_step(state, i)
+        return step
+
+    seen = []
+
+    def rows_and_rate(fetched, seconds_per_step):
+        seen.append(seconds_per_step)
+        return per_step_rows(fetched, seconds_per_step)
+
+    settings = loop.Settings(steps=8, log_every=4, checkpoint_every=5)
+    metrics = loop.MetricsFiles([str(tmp_path / "m.jsonl")], rows_and_rate)
+    with preemption.StopOnSignal() as signals:
+        final = loop.run(settings, slow_first_call(), fresh(), 0, MemoryCheckpoints(), metrics, signals, str(tmp_path))
+        loop.run(settings, slow_first_call(), final, 5, MemoryCheckpoints(), metrics, signals, str(tmp_path))
+    assert len(seen) == 4 and max(seen) < 0.1, seen  # fetched after steps 4, 5 and 8, and after 8 from 5

@@ -101,6 +101,11 @@ def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[st
             for i in range(start, end):
                 state, device_metrics = step(state, i)
                 done = i + 1
+                if i == start:  # it compiles: the rate and ETA count from the next step on
+                    jax.block_until_ready(device_metrics)
+                    window.first_step_done()
+                else:
+                    window.step_done()
                 pending.append((done, device_metrics))
                 bar.update()
                 signalled = signals.should_stop(done)
@@ -108,7 +113,7 @@ def run(settings: Settings, step: Callable[[State, int], tuple[State, Mapping[st
                 checkpointing = signalled or stop or done % settings.checkpoint_every == 0 or done == settings.steps
                 if checkpointing or done % settings.log_every == 0:
                     fetched = [(n, metrics.per_clip(m)) for n, m in jax.device_get(pending)]  # waits for the steps
-                    seconds = window.seconds_per_step(len(fetched))
+                    seconds = window.seconds_per_step()
                     skipped += _non_finite(fetched)
                     if main:
                         rows_per_log = metrics.rows(fetched, seconds)
@@ -179,13 +184,23 @@ def _diverged(settings: Settings, step: int, last_checkpoint: int | None) -> Tra
 
 
 class _Window:
-    """The seconds a step took since the last fetch, leaving out checkpointing and the hook."""
+    """The seconds a step took since the last fetch, leaving out checkpointing, the hook and the run's
+    first step (its compilation), unless that is all there is."""
 
     def __init__(self) -> None:
+        self.first_s = None
         self.restart()
 
     def restart(self) -> None:
-        self.start, self.paused_s = time.perf_counter(), 0.0
+        self.start, self.paused_s, self.steps = time.perf_counter(), 0.0, 0
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def first_step_done(self) -> None:
+        """After the run's first step has finished: its time is kept apart."""
+        self.first_s = time.perf_counter() - self.start - self.paused_s
+        self.restart()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -195,5 +210,7 @@ class _Window:
         finally:
             self.paused_s += time.perf_counter() - began
 
-    def seconds_per_step(self, steps: int) -> float:
-        return (time.perf_counter() - self.start - self.paused_s) / steps
+    def seconds_per_step(self) -> float:
+        if self.steps == 0:  # only the first step since the last fetch
+            return self.first_s
+        return (time.perf_counter() - self.start - self.paused_s) / self.steps

@@ -252,6 +252,6 @@ def export_unet(model: Any, params: Any, folder: str, dtype: Any) -> str:
 
 
 def _metric_rows(fetched: loop.Fetched, seconds_per_step: float) -> list[list[dict[str, float]]]:
-    """The loss log's row of the fetched steps: their mean loss (the first row's seconds include compiling)."""
+    """The loss log's row of the fetched steps: their mean loss and seconds a step (from the second step on)."""
     loss = float(np.mean([per_clip[0]["loss"] for _, per_clip in fetched]))
     return [[{"step": fetched[-1][0], "loss": loss, "seconds_per_step": seconds_per_step}]]
