@@ -105,3 +105,10 @@ def test_attention_auto_resolves_for_the_backend_being_planned(monkeypatch):
         jax.eval_shape(lambda: attention_core.dot_product_attention(q, q, q, scale=0.5, implementation="xla"))
     attention_core.dot_product_attention(q, q, q, scale=0.5, implementation="xla")
     assert seen == [("tpu", 4), (jax.default_backend(), jax.device_count())]
+
+
+def test_the_keyframe_programs_use_the_jobs_attention(tiny_hub):
+    config = tiny_config(tiny_hub)
+    config.attention = "blocked"
+    mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:1])
+    assert {program.args[0].attention_impl for program in plan.keyframe_programs(config, mesh)} == {"blocked"}

@@ -206,9 +206,11 @@ def _scheduler(folder: str, part: str, default: dict) -> schedulers.Scheduler:
 
 
 def _keyframe_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, dtype_name: str, remat: bool):
-    """(module, abstract params, scheduler, abstract text states) of the job's keyframe UNet."""
+    """(module, abstract params, scheduler, abstract text states) of the job's keyframe UNet (with the
+    job's ``attention``)."""
     folder = model_folder(config.pretrained)
-    model, params = _unet(folder, dtype=jobs_config.COMPUTE_DTYPES[dtype_name], remat=remat)
+    model, params = _unet(folder, dtype=jobs_config.COMPUTE_DTYPES[dtype_name], remat=remat,
+                          attention_impl=config.attention)
     width = model.config.encoder_hid_dim or model.config.cross_attention_dim[0]
     text = jax.ShapeDtypeStruct((1, 77, width), jnp.float32, sharding=parallel.replicated(mesh))
     return model, params, _scheduler(folder, "scheduler", tiny_pipeline.SCHEDULER_CONFIG), text
