@@ -29,8 +29,9 @@ TESTS = pathlib.Path(__file__).parent
 KINDS = ("unit", "parity", "end_to_end")
 # The modules of a minute or more (their tests' total on a 2-core CPU, from `--durations`): handed to
 # xdist's workers first, so that the short ones fill in at the end and no worker runs a long one alone.
-LONGEST_MODULES = ("test_multihost.py", "test_world_demo.py", "test_world_pretraining.py", "test_preemption.py",
-                   "test_multiclip_job.py", "test_cli_end_to_end.py", "test_unet.py", "test_inversion.py")
+LONGEST_MODULES = ("test_unet.py", "test_multihost.py", "test_preemption.py", "test_world_demo.py",
+                   "test_multiclip_job.py", "test_world_pretraining.py", "test_inversion.py", "test_training.py",
+                   "test_job_safety.py", "test_cascade_run.py", "test_cli_end_to_end.py")
 
 
 def kind(item) -> str | None:
