@@ -36,7 +36,7 @@ setup(
     extras_require={
         # torch and diffusers are only the references the parity tests compare against.
         # pytest-xdist: the suite's modules on every CPU (most of a test's time is tracing on one core).
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "diffusers>=0.30"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.30"],
         # libtpu: `vmc-jax plan --target=v5e:2x2` compiles for TPU topologies on any host (and runs on TPU VMs).
         "tpu": ["jax[tpu]==0.10.2"],
         # NVIDIA GPUs (CUDA 12 wheels of jaxlib, cuDNN included).

@@ -27,11 +27,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 TESTS = pathlib.Path(__file__).parent
 KINDS = ("unit", "parity", "end_to_end")
-# The modules of a minute or more (their tests' total on a 2-core CPU, from `--durations`): handed to
-# xdist's workers first, so that the short ones fill in at the end and no worker runs a long one alone.
-LONGEST_MODULES = ("test_unet.py", "test_multihost.py", "test_preemption.py", "test_world_demo.py",
-                   "test_multiclip_job.py", "test_world_pretraining.py", "test_inversion.py", "test_training.py",
-                   "test_job_safety.py", "test_cascade_run.py", "test_cli_end_to_end.py")
 
 
 def kind(item) -> str | None:
@@ -42,18 +37,13 @@ def kind(item) -> str | None:
 
 
 def pytest_collection_modifyitems(items):
-    """Mark each test with its kind, so ``-m "not end_to_end"`` selects by kind, and order the tests (a
-    stable sort: each module's order, and its fixtures' grouping, kept): in one process the fastest kinds
-    first, so that a broken basic fails early; across xdist's workers the longest modules first, then
-    the slowest kinds, so that the many short modules fill in at the end."""
+    """Mark each test with its kind, so ``-m "not end_to_end"`` selects by kind, and run the fastest
+    kinds first (a stable sort: each module's order, and its fixtures' grouping, kept). Under xdist
+    (setup.cfg) the modules are handed out most tests first, xdist's own order."""
     for item in items:
         if item_kind := kind(item):
             item.add_marker(item_kind)
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        items.sort(key=lambda item: (*KINDS, None).index(kind(item)))
-        return
-    longest = {name: rank for rank, name in enumerate(LONGEST_MODULES)}
-    items.sort(key=lambda item: (longest.get(item.path.name, len(longest)), (*reversed(KINDS), None).index(kind(item))))
+    items.sort(key=lambda item: (*KINDS, None).index(kind(item)))
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
